@@ -1,0 +1,87 @@
+"""Recipe sections -> the fused teacher and the distillation student.
+
+Shared by every stage (train, cache-targets, evaluate, fit-teacher) so they all build the
+same objects from the same recipe.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from students import DistillStudent, PredictionHeads, build_student, build_student_config, init_from_upstream
+from teachers import FusedTeacher
+
+from .config import RecipeConfig
+from .data import BadAudio, decode_audio
+
+__all__ = ["build_teacher", "build_distill_student", "pca_waveforms"]
+
+logger = logging.getLogger(__name__)
+TEACHER_FILE = "fused_teacher.json"
+
+
+def build_teacher(cfg: RecipeConfig, train_set=None, save_dir: str | Path | None = None) -> FusedTeacher:
+    """The recipe's fused teacher, ready to produce targets.
+
+    A teacher already saved in `save_dir` is reused (resume, multi-process ranks, later stages),
+    so the PCA projection is fitted once per run. `projection_fit: supervised` loads the folder
+    written by `fit-teacher`; `pca` fits on up to `pca_max_utterances` training utterances.
+    """
+    if save_dir is not None and (Path(save_dir) / TEACHER_FILE).exists():
+        logger.info("reusing the fused teacher saved in %s", save_dir)
+        return FusedTeacher.from_pretrained(save_dir)
+    tcfg = cfg.teacher
+    if tcfg.projection_fit == "supervised":
+        teacher = FusedTeacher.from_pretrained(tcfg.pretrained)
+    else:
+        teacher = FusedTeacher.from_config(asdict(tcfg))
+        if tcfg.projection_fit == "pca" and teacher.projection is not None:
+            if train_set is None:
+                raise ValueError("teacher.projection_fit=pca needs training audio to fit the projection")
+            teacher.fit_pca(pca_waveforms(train_set, tcfg.pca_max_utterances, cfg.data.sampling_rate))
+    if save_dir is not None:
+        teacher.save_pretrained(save_dir)
+    return teacher
+
+
+def pca_waveforms(dataset, max_utterances: int, sampling_rate: int = 16000) -> Iterator[torch.Tensor]:
+    """Decoded training utterances for the label-free PCA fit; unreadable files are skipped."""
+    used = 0
+    for example in dataset:
+        if used >= max_utterances:
+            break
+        try:
+            audio = decode_audio(example["audio"], sampling_rate)
+        except BadAudio as err:
+            logger.warning("PCA fit: skipping %s: %s", example.get("id", "?"), err)
+            continue
+        used += 1
+        yield torch.from_numpy(audio)
+
+
+def build_distill_student(cfg: RecipeConfig, teacher: FusedTeacher) -> DistillStudent:
+    """A stock HF encoder plus prediction heads sized for the teacher's targets."""
+    s = cfg.student
+    overrides = {
+        key: getattr(s, key)
+        for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "conv_dim", "feat_extract_norm")
+    }
+    config = build_student_config(s.arch, s.preset, **overrides)
+    encoder = build_student(config)
+    if s.init_from_upstream is not None:
+        upstream = teacher.upstreams[s.init_from_upstream].model
+        copied = init_from_upstream(encoder, upstream, num_layers=config.num_hidden_layers)
+        logger.info("initialised %d student tensors from upstream %d", len(copied), s.init_from_upstream)
+    heads = PredictionHeads(
+        hidden_size=config.hidden_size,
+        target_dim=teacher.target_dim,
+        num_targets=len(teacher.target_layer_ids),
+        mode=s.head_mode,
+        student_layers=s.student_layers,
+    )
+    return DistillStudent(encoder, heads)

@@ -1,0 +1,73 @@
+"""Crash-safe checkpoints: `OUTPUT_DIR/checkpoint-STEP/` in Accelerate's `save_state` format.
+
+A checkpoint is written to a hidden temporary folder and renamed into place only once every
+process has finished writing, so a kill during a save never leaves a folder that
+`--resume-from latest` would pick up half-written. The step comes from the saved TrainState,
+never from the folder name; names are only used to order checkpoints for rotation.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+from accelerate import Accelerator
+from omegaconf import OmegaConf
+
+__all__ = ["CHECKPOINT_PREFIX", "save_checkpoint", "list_checkpoints", "find_checkpoint"]
+
+CHECKPOINT_PREFIX = "checkpoint-"
+COMPLETE_MARKER = "checkpoint_complete"
+_NAME = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
+
+
+def save_checkpoint(accelerator: Accelerator, out: Path, step: int, total_limit: int | None, cfg) -> Path:
+    """Save model, optimizer, scheduler, RNG and TrainState; then rotate old checkpoints."""
+    final = out / f"{CHECKPOINT_PREFIX}{step}"
+    tmp = out / f".{CHECKPOINT_PREFIX}{step}.partial"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)  # left by a run killed while saving
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))  # every process writes its own RNG state
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        OmegaConf.save(OmegaConf.structured(cfg), tmp / "recipe.yaml")
+        (tmp / COMPLETE_MARKER).write_text(f"{step}\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)  # atomic on one filesystem: the checkpoint appears whole
+        _rotate(out, total_limit)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def list_checkpoints(out: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    found = []
+    for path in Path(out).glob(f"{CHECKPOINT_PREFIX}*"):
+        match = _NAME.match(path.name)
+        if match and (path / COMPLETE_MARKER).exists():
+            found.append((int(match.group(1)), path))
+    return [path for _, path in sorted(found)]
+
+
+def find_checkpoint(out: Path, which: str) -> Path:
+    """`latest` -> newest complete checkpoint of the run; otherwise a checkpoint folder."""
+    if which == "latest":
+        checkpoints = list_checkpoints(out)
+        if not checkpoints:
+            raise FileNotFoundError(f"--resume-from latest: no complete checkpoint in {out}")
+        return checkpoints[-1]
+    path = Path(which)
+    if not (path / COMPLETE_MARKER).exists():
+        raise FileNotFoundError(f"--resume-from {which}: not a complete checkpoint folder (no {COMPLETE_MARKER})")
+    return path
+
+
+def _rotate(out: Path, total_limit: int | None) -> None:
+    if not total_limit or total_limit < 1:
+        return
+    for path in list_checkpoints(out)[:-total_limit]:
+        shutil.rmtree(path)

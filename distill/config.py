@@ -1,0 +1,194 @@
+"""Recipe -> typed config.
+
+A recipe YAML maps one to one onto the dataclasses below (OmegaConf structured configs):
+unknown keys, wrong types and missing sections are one-line `RecipeError`s naming the key.
+Command-line overrides are dotted `section.key=value` pairs, type-checked the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+__all__ = [
+    "RecipeError",
+    "TeacherConfig",
+    "StudentConfig",
+    "DataConfig",
+    "LossConfig",
+    "TrainingConfig",
+    "RecipeConfig",
+    "load_recipe",
+    "recipe_to_dict",
+    "resolve_recipe_path",
+]
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message is one line naming the file and key."""
+
+
+@dataclass
+class TeacherConfig:
+    # Hub ids, local folders, or {config: {model_type: ..., ...}} for random-init models.
+    upstreams: list[Any] = MISSING
+    fusion: str = "chconv"  # weighted_sum | hconv | chconv | add_hconv
+    projection_dim: Optional[int] = 768
+    projection_fit: str = "pca"  # pca | supervised | none
+    # Folder written by `fit-teacher` / `save_pretrained`; used when projection_fit=supervised.
+    pretrained: Optional[str] = None
+    target_layers: Optional[list[int]] = None  # indices into the aligned layer axis
+    target_mode: str = "chconv"  # chconv | concat | average
+    normalize: bool = True
+    dtype: str = "float32"  # float32 | bfloat16 (never float16: large-norm teachers overflow)
+    pca_max_utterances: int = 64
+
+
+@dataclass
+class StudentConfig:
+    arch: str = "hubert"  # hubert | wavlm | wav2vec2
+    preset: Optional[str] = None  # a name from students.presets.PRESETS
+    num_hidden_layers: Optional[int] = None
+    hidden_size: Optional[int] = None
+    num_attention_heads: Optional[int] = None
+    intermediate_size: Optional[int] = None
+    conv_dim: Optional[list[int]] = None
+    feat_extract_norm: Optional[str] = None  # "layer" is batch-invariant with attention_mask
+    init_from_upstream: Optional[int] = None  # index into teacher.upstreams, when shapes match
+    head_mode: str = "predict"  # predict (DistilHuBERT) | layer_to_layer (FitHuBERT)
+    # layer_to_layer only: student hidden-state index for each target layer.
+    student_layers: Optional[list[int]] = None
+
+
+@dataclass
+class DataConfig:
+    dataset_name: str = MISSING  # hub id, local audio folder, or a .csv/.jsonl manifest
+    dataset_config_name: Optional[str] = None
+    train_split_name: str = "train"
+    eval_split_name: Optional[str] = None
+    audio_column_name: str = "audio"
+    text_column_name: Optional[str] = "text"
+    label_column_name: Optional[str] = "label"
+    streaming: bool = False
+    min_duration_in_seconds: float = 0.5
+    max_duration_in_seconds: float = 30.0
+    max_crop_seconds: float = 4.0  # crops start on 320-sample frame boundaries
+    sampling_rate: int = 16000
+    bucket_size: int = 64  # utterances per length bucket (streaming: shuffle buffer)
+    dataloader_num_workers: int = 0
+    targets_cache: Optional[str] = None  # folder written by `cache-targets`
+
+
+@dataclass
+class LossConfig:
+    cos_weight: float = 1.0  # lambda in L1 + lambda * mean(-logsigmoid(cos))
+
+
+@dataclass
+class TrainingConfig:
+    output_dir: str = "runs/demo"
+    seed: int = 0
+    max_steps: int = 200
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    lr_scheduler_type: str = "linear"
+    warmup_steps: int = 0
+    per_device_train_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 10.0
+    mixed_precision: str = "no"  # no | bf16 | fp16 (student and heads only)
+    logging_steps: int = 10
+    save_steps: int = 100
+    save_total_limit: Optional[int] = 2
+    report_to: Optional[str] = "tensorboard"  # tensorboard | none
+
+
+@dataclass
+class RecipeConfig:
+    teacher: TeacherConfig = MISSING
+    student: StudentConfig = MISSING
+    data: DataConfig = MISSING
+    loss: LossConfig = field(default_factory=LossConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+
+def resolve_recipe_path(recipe: str | Path) -> Path:
+    """A path, or the name of a shipped recipe (`demo` -> recipes/demo.yaml)."""
+    path = Path(recipe)
+    if path.exists():
+        return path
+    shipped = RECIPES_DIR / f"{recipe}.yaml"
+    if shipped.exists():
+        return shipped
+    raise RecipeError(f"recipe not found: {recipe} (a YAML path, or one of {sorted(p.stem for p in RECIPES_DIR.glob('*.yaml'))})")
+
+
+def load_recipe(recipe: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RecipeConfig:
+    """Load a YAML recipe, apply `a.b=value` overrides, validate, return typed config."""
+    path = resolve_recipe_path(recipe)
+    schema = OmegaConf.structured(RecipeConfig)
+    try:
+        raw = OmegaConf.load(path)
+    except yaml.YAMLError as err:  # multi-line context; keep the problem and where it is
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise RecipeError(f"{path}: not valid YAML: {problem}{where}") from None
+    try:
+        merged = OmegaConf.merge(schema, raw)
+    except OmegaConfBaseException as err:
+        raise RecipeError(f"{path}: {_one_line(err)}") from None
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"override {item!r}: expected section.key=value")
+    try:
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as err:
+        raise RecipeError(f"override: {_one_line(err)}") from None
+    missing = sorted(OmegaConf.missing_keys(merged))
+    if missing:
+        raise RecipeError(f"{path}: missing required key(s): {', '.join(missing)}")
+    cfg: RecipeConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    _check_choices(cfg, path)
+    return cfg
+
+
+def recipe_to_dict(cfg: RecipeConfig) -> dict:
+    return asdict(cfg)
+
+
+_CHOICES = {
+    ("teacher", "fusion"): ("weighted_sum", "hconv", "chconv", "add_hconv"),
+    ("teacher", "projection_fit"): ("pca", "supervised", "none"),
+    ("teacher", "target_mode"): ("chconv", "concat", "average"),
+    ("teacher", "dtype"): ("float32", "bfloat16"),
+    ("student", "arch"): ("hubert", "wavlm", "wav2vec2"),
+    ("student", "head_mode"): ("predict", "layer_to_layer"),
+    ("training", "mixed_precision"): ("no", "bf16", "fp16"),
+}
+
+
+def _check_choices(cfg: RecipeConfig, path: Path) -> None:
+    for (section, key), allowed in _CHOICES.items():
+        value = getattr(getattr(cfg, section), key)
+        if value not in allowed:
+            raise RecipeError(f"{path}: {section}.{key}={value!r}, expected one of {', '.join(allowed)}")
+    if cfg.teacher.projection_fit == "supervised" and not cfg.teacher.pretrained:
+        raise RecipeError(f"{path}: teacher.projection_fit=supervised needs teacher.pretrained (a folder from fit-teacher)")
+    if not cfg.teacher.upstreams:
+        raise RecipeError(f"{path}: teacher.upstreams is empty, expected at least one model")
+
+
+def _one_line(err: OmegaConfBaseException) -> str:
+    # OmegaConf messages span lines ("full_key: ...", "object_type=..."); keep what names the key.
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    key = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("full_key:")), None)
+    head = lines[0] if lines else type(err).__name__
+    return f"{key}: {head}" if key and key not in head else head

@@ -1,0 +1,190 @@
+"""Distil the fused teacher into the student with Accelerate.
+
+Read top to bottom: build, one `prepare`, resume, loop, export. Accelerate does the devices,
+mixed precision, gradient accumulation, checkpoint state and trackers; the loop stays visible.
+
+    fusion-distill train recipes/demo.yaml --output-dir runs/demo
+    accelerate launch -m distill train RECIPE        # many GPUs (or ACCELERATE_USE_CPU=1 --multi_gpu)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.utils import ProjectConfiguration, set_seed
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from .build import build_distill_student, build_teacher
+from .checkpoint import find_checkpoint, save_checkpoint
+from .config import RecipeConfig
+from .data import SkipCounter, load_audio_dataset, make_train_dataloader
+from .export import export_run
+from .losses import distill_loss
+
+__all__ = ["TrainState", "train", "loss_step"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainState:
+    """Counters saved with every checkpoint (via register_for_checkpointing), never parsed from names."""
+
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0
+    batches_in_epoch: int = 0  # dataloader batches this process consumed in the current epoch
+    samples_seen: int = 0  # per process
+    skipped: dict = field(default_factory=dict)  # reason -> utterances skipped so far
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+def loss_step(student, teacher, batch: dict, cos_weight: float) -> tuple[torch.Tensor, dict]:
+    """One forward: student predictions vs teacher targets (online, or from the target cache)."""
+    out = student(batch["waveforms"], batch["lengths"])
+    if "targets" in batch:  # read from the cache that `cache-targets` wrote
+        targets = batch["targets"]
+    else:
+        # clone(): inference-mode tensors cannot be saved for the student's backward.
+        targets = teacher.targets(batch["waveforms"], lengths=batch["lengths"], num_frames=out.lengths.tolist()).layers.clone()
+    return distill_loss(out.predictions, targets.to(out.predictions.device), out.lengths, cos_weight)
+
+
+def train(cfg: RecipeConfig, resume_from: str | None = None) -> Path:
+    """Run the recipe; return the folder of the exported student."""
+    t = cfg.training
+    out = Path(t.output_dir)
+    trackers = None if t.report_to in (None, "none") else t.report_to
+    accelerator = Accelerator(
+        mixed_precision=t.mixed_precision,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        log_with=trackers,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+        # Heads or masked_spec_embed may get no gradient on a step; DDP must not hang on them.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    set_seed(t.seed)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.structured(cfg), out / "recipe.yaml")
+
+    # --- build: data, teacher (fitted once, saved with the run), student ---
+    train_set = load_audio_dataset(cfg.data, cfg.data.train_split_name)
+    with accelerator.main_process_first():  # rank 0 fits and saves; the others load that file
+        teacher = build_teacher(cfg, train_set, out / "teacher")
+    teacher.to(accelerator.device)
+    student = build_distill_student(cfg, teacher)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
+    # The prepared scheduler steps once per process per optimizer step, so scale the schedule.
+    scheduler = get_scheduler(
+        t.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=t.warmup_steps * accelerator.num_processes,
+        num_training_steps=t.max_steps * accelerator.num_processes,
+    )
+    loader = make_train_dataloader(train_set, cfg.data, t.per_device_train_batch_size, t.seed, min_samples=max(u.min_samples for u in teacher.upstreams))
+    student, optimizer, loader, scheduler = accelerator.prepare(student, optimizer, loader, scheduler)
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+
+    # --- resume ---
+    if resume_from:
+        checkpoint = find_checkpoint(out, resume_from)
+        accelerator.load_state(str(checkpoint))
+        accelerator.print(f"resumed from {checkpoint} at step {state.step}")
+
+    effective_batch = t.per_device_train_batch_size * accelerator.num_processes * t.gradient_accumulation_steps
+    accelerator.print(
+        f"processes={accelerator.num_processes} device={accelerator.device} "
+        f"mixed_precision={accelerator.mixed_precision} effective_batch_size={effective_batch}"
+    )
+    if trackers:
+        accelerator.init_trackers("fusion-distill", config=_flat_config(cfg))
+    skipped = SkipCounter(state.skipped)
+    progress = tqdm(total=t.max_steps, initial=state.step, disable=not accelerator.is_local_main_process, desc="distil")
+    window_audio, window_start = 0.0, time.perf_counter()
+
+    # --- loop ---
+    student.train()
+    while state.step < t.max_steps:
+        loader.set_epoch(state.epoch)
+        batches = accelerator.skip_first_batches(loader, state.batches_in_epoch) if state.batches_in_epoch else loader
+        for batch in batches:
+            state.batches_in_epoch += 1
+            skipped.add(batch["skipped"])
+            with accelerator.accumulate(student):
+                if batch["waveforms"].shape[0] == 0:
+                    # Every utterance of this batch was unreadable: a zero loss still runs the
+                    # backward, so the other ranks' gradient all-reduce does not wait forever.
+                    loss, parts = sum(p.sum() for p in student.parameters()) * 0.0, {}
+                else:
+                    loss, parts = loss_step(student, teacher, batch, cfg.loss.cos_weight)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(student.parameters(), t.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            state.samples_seen += batch["waveforms"].shape[0]
+            window_audio += batch["waveforms"].numel() / cfg.data.sampling_rate
+            if not accelerator.sync_gradients:
+                continue
+            state.step += 1
+            progress.update(1)
+            if state.step % t.logging_steps == 0 or state.step == t.max_steps:
+                speed = window_audio / max(time.perf_counter() - window_start, 1e-9)
+                _log(accelerator, state, loss, parts, scheduler, speed, out)
+                progress.set_postfix(loss=f"{loss.item():.4f}", audio_s_per_s=f"{speed:.1f}")
+                window_audio, window_start = 0.0, time.perf_counter()
+            if state.step % t.save_steps == 0 or state.step == t.max_steps:
+                state.skipped = skipped.counts
+                save_checkpoint(accelerator, out, state.step, t.save_total_limit, cfg)
+            if state.step >= t.max_steps:
+                break
+        else:  # the epoch ran out before max_steps
+            if skipped.counts:
+                logger.warning("epoch %d: %s", state.epoch, skipped.summary())
+            state.epoch += 1
+            state.batches_in_epoch = 0
+    progress.close()
+    accelerator.wait_for_everyone()
+    if skipped.counts:
+        accelerator.print(skipped.summary())
+    export_dir = out / "student"
+    if accelerator.is_main_process:
+        export_run(out, export_dir, student=accelerator.unwrap_model(student))
+        accelerator.print(f"student exported to {export_dir}")
+    accelerator.end_training()
+    return export_dir
+
+
+def _log(accelerator: Accelerator, state: TrainState, loss, parts: dict, scheduler, speed: float, out: Path) -> None:
+    loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
+    record = {"step": state.step, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "audio_s_per_s": speed}
+    record.update({key: accelerator.reduce(v, reduction="mean").item() for key, v in parts.items()})
+    accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=state.step)
+    if accelerator.is_main_process:
+        with open(out / "train_log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _flat_config(cfg: RecipeConfig) -> dict:
+    """TensorBoard hparams take scalars only: flatten sections, stringify lists."""
+    flat = {}
+    for section, values in asdict(cfg).items():
+        for key, value in values.items():
+            flat[f"{section}.{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat

@@ -1,0 +1,26 @@
+"""The compact student: a stock Hugging Face speech encoder, prediction heads beside it, and
+export to a plain model folder that `AutoModel` loads with no custom code.
+
+Never imports `teachers` or `distill`.
+"""
+
+from .build import ARCHS, build_student, build_student_config, init_from_upstream
+from .export import export_student, push_to_hub
+from .heads import HEAD_MODES, PredictionHeads
+from .presets import PRESETS
+from .student import DistillStudent, StudentOutput, normalize_waveforms
+
+__all__ = [
+    "ARCHS",
+    "HEAD_MODES",
+    "PRESETS",
+    "build_student_config",
+    "build_student",
+    "init_from_upstream",
+    "PredictionHeads",
+    "DistillStudent",
+    "StudentOutput",
+    "normalize_waveforms",
+    "export_student",
+    "push_to_hub",
+]

@@ -1,0 +1,25 @@
+"""Teachers: frozen upstream speech encoders, their alignment and fusion into distillation targets."""
+
+from .align import align_frames, align_layers, wav2vec_num_frames
+from .fused import FusedTeacher, TeacherOutput
+from .inputs import frame_mask
+from .interfaces import AddHConv, CHConv, HConv, WeightedSum
+from .report import describe
+from .upstream import Upstream, UpstreamOutput, load_upstream
+
+__all__ = [
+    "load_upstream",
+    "Upstream",
+    "UpstreamOutput",
+    "align_layers",
+    "align_frames",
+    "wav2vec_num_frames",
+    "frame_mask",
+    "WeightedSum",
+    "HConv",
+    "CHConv",
+    "AddHConv",
+    "FusedTeacher",
+    "TeacherOutput",
+    "describe",
+]

@@ -1,0 +1,340 @@
+"""Upstream adapters: one frozen Hugging Face speech encoder behind one interface.
+
+An `Upstream` takes raw 16 kHz float waveforms and returns every hidden state of the stock
+`AutoModel` (`output_hidden_states=True`; index 0 = the pre-transformer features). The adapter
+owns feature extraction, so callers never touch processors:
+
+- wav2vec family (WavLM, HuBERT, Wav2Vec2, Data2VecAudio and any model with a wav2vec-style conv
+  `feature_extractor`): per-utterance zero-mean/unit-variance normalisation when the model
+  expects it. A folder or hub id with a preprocessor config decides via its `do_normalize`;
+  otherwise we follow fairseq pre-training: layer-norm conv front-ends (large models,
+  Data2VecAudio) were trained on normalised audio, group-norm ones (base models) on raw audio.
+- Whisper: the encoder of a `WhisperModel` on log-mel features computed here in torch, padded to
+  the fixed window the encoder requires (3000 mel frames = 30 s), trimmed to the true length
+  afterwards; longer audio runs as consecutive windows whose outputs are stitched.
+
+Padding never reaches a wav2vec-family model: group-norm front-ends and Data2VecAudio's
+positional convs change under zero padding even with an attention mask, so equal-length
+utterances share a batch and every other length runs on its own.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+from torch import nn
+
+__all__ = ["Upstream", "UpstreamOutput", "load_upstream", "resolve_dtype", "SAMPLING_RATE"]
+
+SAMPLING_RATE = 16000
+_NAMED = ("wavlm", "hubert", "wav2vec2", "data2vec-audio", "whisper")
+_SUPPORTED = ", ".join(_NAMED) + " or any wav2vec-style encoder (conv_kernel/conv_stride config)"
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+UpstreamSpec = Union[str, Path, dict]
+
+
+@dataclass
+class UpstreamOutput:
+    """Hidden states of one upstream for a batch.
+
+    hidden_states: (L + 1, B, T, D) float32; layer 0 is the pre-transformer features;
+        frames at and beyond `lengths[b]` are zeros.
+    lengths: (B,) int64 valid frames per utterance.
+    """
+
+    hidden_states: torch.Tensor
+    lengths: torch.Tensor
+
+
+def resolve_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
+    """float32 or bfloat16 (given as a torch dtype or a name); float16 is refused."""
+    if dtype in (torch.float16, "float16", "fp16", "half"):
+        raise ValueError("dtype float16 is refused: large-norm teachers overflow in fp16; use float32 or bfloat16")
+    if isinstance(dtype, str) and dtype in _DTYPES:
+        return _DTYPES[dtype]
+    if dtype in (torch.float32, torch.bfloat16):
+        return dtype
+    raise ValueError(f"dtype {dtype!r} is not supported; expected float32 or bfloat16")
+
+
+class Upstream(nn.Module, abc.ABC):
+    """A frozen speech encoder: `forward(list of 1-D waveforms) -> UpstreamOutput`.
+
+    `num_layers` counts transformer layers (hidden states have num_layers + 1), `frame_rate` is
+    frames per second, `min_samples` the receptive field (shorter audio is refused).
+    """
+
+    def __init__(self, model: nn.Module, name: str, model_type: str, num_layers: int, hidden_size: int):
+        super().__init__()
+        self.model = model
+        self.name = name
+        self.model_type = model_type
+        self.num_layers = num_layers
+        self.hidden_size = hidden_size
+        _freeze(self.model)
+
+    frame_rate: float
+    min_samples: int
+
+    @abc.abstractmethod
+    def num_frames(self, num_samples: int) -> int:
+        """Valid output frames for an utterance of `num_samples` samples."""
+
+    @abc.abstractmethod
+    def _encode(self, waves: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per utterance, hidden states (L + 1, T, D) in the model dtype."""
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def train(self, mode: bool = True) -> "Upstream":
+        # A teacher never trains: dropout, layerdrop and SpecAugment stay off whatever the caller does.
+        super().train(False)
+        return self
+
+    def forward(self, waveforms: list[torch.Tensor]) -> UpstreamOutput:
+        waves = [self._check_wave(w, i) for i, w in enumerate(waveforms)]
+        if not waves:
+            raise ValueError(f"upstream {self.name}: got an empty batch, expected at least one waveform")
+        with torch.inference_mode():
+            states = self._encode(waves)
+        # Filling a fresh tensor outside inference mode gives ordinary tensors that autograd may
+        # save (a supervised fusion fit backpropagates through ops on these features).
+        if states[0].shape[0] != self.num_layers + 1:
+            raise ValueError(f"upstream {self.name}: model returned {states[0].shape[0]} hidden states, expected {self.num_layers + 1}")
+        lengths = torch.tensor([s.shape[1] for s in states], dtype=torch.long)
+        out = torch.zeros(self.num_layers + 1, len(states), int(lengths.max()), self.hidden_size, device=self.device)
+        for b, s in enumerate(states):
+            out[:, b, : s.shape[1]] = s.float()
+        return UpstreamOutput(hidden_states=out, lengths=lengths)
+
+    def _check_wave(self, wave: torch.Tensor, index: int) -> torch.Tensor:
+        if not torch.is_tensor(wave) or wave.dim() != 1 or not wave.is_floating_point():
+            what = f"{tuple(wave.shape)} {wave.dtype}" if torch.is_tensor(wave) else type(wave).__name__
+            raise ValueError(f"upstream {self.name}: waveform {index} is {what}, expected a 1-D float tensor")
+        if wave.numel() < self.min_samples:
+            raise ValueError(
+                f"upstream {self.name}: waveform {index} has {wave.numel()} samples, "
+                f"fewer than the minimum {self.min_samples} ({1000 * self.min_samples / SAMPLING_RATE:.0f} ms)"
+            )
+        return wave.to(self.device, torch.float32)
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, layers={self.num_layers}, hidden={self.hidden_size}, frame_rate={self.frame_rate}"
+
+
+class Wav2VecUpstream(Upstream):
+    """WavLM, HuBERT, Wav2Vec2, Data2VecAudio and other conv-front-end encoders."""
+
+    def __init__(self, model: nn.Module, name: str, do_normalize: bool):
+        cfg = model.config
+        super().__init__(model, name, cfg.model_type, cfg.num_hidden_layers, cfg.hidden_size)
+        self.do_normalize = do_normalize
+        hop, field = 1, 1
+        for kernel, stride in zip(cfg.conv_kernel, cfg.conv_stride):
+            field += (kernel - 1) * hop
+            hop *= stride
+        self.min_samples = field
+        self.frame_rate = SAMPLING_RATE / hop
+
+    def num_frames(self, num_samples: int) -> int:
+        return int(self.model._get_feat_extract_output_lengths(torch.tensor(int(num_samples))))
+
+    def _encode(self, waves: list[torch.Tensor]) -> list[torch.Tensor]:
+        # Equal lengths share a batch; nothing is ever padded (see module docstring).
+        groups: dict[int, list[int]] = defaultdict(list)
+        for i, w in enumerate(waves):
+            groups[w.numel()].append(i)
+        states: list[torch.Tensor] = [torch.empty(0)] * len(waves)
+        for indices in groups.values():
+            batch = torch.stack([self._normalise(waves[i]) for i in indices]).to(self.dtype)
+            hidden = self.model(batch, output_hidden_states=True).hidden_states
+            stacked = torch.stack(hidden)  # (L + 1, b, T, D)
+            for j, i in enumerate(indices):
+                states[i] = stacked[:, j]
+        return states
+
+    def _normalise(self, wave: torch.Tensor) -> torch.Tensor:
+        if not self.do_normalize:
+            return wave
+        # Same statistics as Wav2Vec2FeatureExtractor.zero_mean_unit_var_norm (population variance).
+        return (wave - wave.mean()) / torch.sqrt(wave.var(unbiased=False) + 1e-7)
+
+
+class WhisperUpstream(Upstream):
+    """The encoder of a WhisperModel, fed log-mel windows of the fixed length it requires."""
+
+    def __init__(self, model: nn.Module, name: str, extractor: Any):
+        cfg = model.config
+        super().__init__(model, name, "whisper", cfg.encoder_layers, cfg.d_model)
+        self.hop_length = extractor.hop_length
+        self.n_fft = extractor.n_fft
+        self.window_frames = 2 * cfg.max_source_positions  # the encoder asserts this mel length
+        self.window_samples = self.window_frames * self.hop_length
+        self.frame_rate = SAMPLING_RATE / (2 * self.hop_length)
+        self.min_samples = self.hop_length  # one mel frame gives one encoder frame
+        filters = torch.as_tensor(extractor.mel_filters, dtype=torch.float32)  # (n_freq, n_mels)
+        self.register_buffer("mel_filters", filters, persistent=False)
+        self.register_buffer("window", torch.hann_window(self.n_fft), persistent=False)
+
+    def num_frames(self, num_samples: int) -> int:
+        return sum(self._window_frames(n) for n in self._window_sizes(int(num_samples)))
+
+    def _window_sizes(self, num_samples: int) -> list[int]:
+        full, rest = divmod(num_samples, self.window_samples)
+        return [self.window_samples] * full + ([rest] if rest else [])
+
+    def _window_frames(self, samples: int) -> int:
+        return (samples // self.hop_length + 1) // 2
+
+    def _encode(self, waves: list[torch.Tensor]) -> list[torch.Tensor]:
+        # Every window has the same padded length, so all windows of all utterances share a batch.
+        pieces, owners, frames = [], [], []
+        for i, wave in enumerate(waves):
+            for chunk in torch.split(wave, self.window_samples):
+                if self._window_frames(chunk.numel()) == 0:
+                    continue  # a tail shorter than one hop adds no frame
+                pieces.append(nn.functional.pad(chunk, (0, self.window_samples - chunk.numel())))
+                owners.append(i)
+                frames.append(self._window_frames(chunk.numel()))
+        mel = self._log_mel(torch.stack(pieces)).to(self.dtype)
+        stacked = torch.stack(self.model(mel, output_hidden_states=True).hidden_states)  # (L + 1, n, T, D)
+        per_wave: list[list[torch.Tensor]] = [[] for _ in waves]
+        for j, (owner, n) in enumerate(zip(owners, frames)):
+            per_wave[owner].append(stacked[:, j, :n])
+        return [torch.cat(parts, dim=1) for parts in per_wave]
+
+    def _log_mel(self, audio: torch.Tensor) -> torch.Tensor:
+        """(n, window_samples) -> (n, n_mels, window_frames), as WhisperFeatureExtractor computes it."""
+        stft = torch.stft(audio, self.n_fft, self.hop_length, window=self.window, return_complex=True)
+        power = stft[..., :-1].abs() ** 2  # the extractor drops the last STFT frame
+        log_spec = (self.mel_filters.T @ power).clamp(min=1e-10).log10()
+        # Dynamic range of 8 (log10) below each window's own peak.
+        log_spec = torch.maximum(log_spec, log_spec.amax(dim=(1, 2), keepdim=True) - 8.0)
+        return (log_spec + 4.0) / 4.0
+
+
+def load_upstream(spec: UpstreamSpec, dtype: Union[str, torch.dtype] = torch.float32) -> Upstream:
+    """Load a frozen upstream from a hub id, a local folder, or `{"config": {model_type, ...}}`.
+
+    A config spec builds a random-init model under torch seed 0 (for tests and demos).
+    """
+    dtype = resolve_dtype(dtype)
+    if isinstance(spec, dict):
+        model, name, source = _from_config(spec), _config_name(spec), None
+    elif isinstance(spec, (str, Path)):
+        model, name, source = _from_pretrained(str(spec), dtype), str(spec), str(spec)
+    else:
+        raise ValueError(f"upstream spec {spec!r}: expected a hub id, a local folder or {{'config': {{...}}}}")
+    model = model.to(dtype)
+    if model.config.model_type == "whisper":
+        return WhisperUpstream(model.get_encoder(), name, _whisper_extractor(model.config, source))
+    if not hasattr(model, "feature_extractor") or not hasattr(model, "_get_feat_extract_output_lengths"):
+        raise ValueError(f"upstream {name}: {type(model).__name__} has no conv feature_extractor; supported: {_SUPPORTED}")
+    return Wav2VecUpstream(model, name, _wants_normalised(model.config, source))
+
+
+def _config_name(spec: dict) -> str:
+    return f"{spec.get('config', {}).get('model_type', '?')}(random-init)"
+
+
+def _from_config(spec: dict) -> nn.Module:
+    from transformers import AutoConfig, AutoModel
+
+    kwargs = dict(spec.get("config") or {})
+    model_type = kwargs.pop("model_type", None)
+    if not model_type:
+        raise ValueError(f"upstream spec {spec!r}: expected {{'config': {{'model_type': ..., ...}}}}")
+    try:
+        config = AutoConfig.for_model(model_type, **kwargs)
+    except (ValueError, KeyError) as err:
+        raise ValueError(f"upstream {model_type}(random-init): unknown model_type; supported: {_SUPPORTED}") from err
+    _check_supported(config, _config_name(spec))
+    _no_layerdrop(config)
+    # A fixed seed makes the same spec give the same model in every process (targets, hashes).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return AutoModel.from_config(config)
+
+
+def _from_pretrained(source: str, dtype: torch.dtype) -> nn.Module:
+    from transformers import AutoConfig, AutoModel
+
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        if Path(source).is_dir():
+            raise ValueError(f"upstream {source}: folder has no usable config.json ({type(err).__name__})") from None
+        raise OSError(
+            f"upstream {source}: not a local folder and the hub is offline or unreachable; "
+            "download the model and point the spec at its local folder"
+        ) from None
+    _check_supported(config, source)
+    _no_layerdrop(config)
+    try:
+        return AutoModel.from_pretrained(source, config=config, dtype=dtype)
+    except OSError:
+        if Path(source).is_dir():
+            raise ValueError(f"upstream {source}: folder has no model weights (model.safetensors)") from None
+        raise OSError(f"upstream {source}: weights not cached locally and the hub is offline or unreachable") from None
+
+
+def _check_supported(config: Any, name: str) -> None:
+    model_type = getattr(config, "model_type", None)
+    wav2vec_style = hasattr(config, "conv_kernel") and hasattr(config, "conv_stride")
+    if model_type not in _NAMED and not wav2vec_style:
+        raise ValueError(f"upstream {name}: model_type {model_type!r} is not supported; supported: {_SUPPORTED}")
+
+
+def _no_layerdrop(config: Any) -> None:
+    # Layerdrop only acts in training mode, but a saved config should not claim it either.
+    for key in ("layerdrop", "encoder_layerdrop"):
+        if hasattr(config, key):
+            setattr(config, key, 0.0)
+
+
+def _freeze(model: nn.Module) -> None:
+    model.eval()
+    model.requires_grad_(False)
+
+
+def _load_extractor(source: str | None) -> Any:
+    if source is None:
+        return None
+    from transformers import AutoFeatureExtractor
+
+    try:
+        return AutoFeatureExtractor.from_pretrained(source)
+    except (OSError, ValueError, KeyError):
+        return None  # no preprocessor config: fall back to the defaults below
+
+
+def _wants_normalised(config: Any, source: str | None) -> bool:
+    extractor = _load_extractor(source)
+    if extractor is not None and hasattr(extractor, "do_normalize"):
+        return bool(extractor.do_normalize)
+    # Data2VecAudio has no feat_extract_norm: its conv front-end is always layer-normed.
+    return getattr(config, "feat_extract_norm", "layer") == "layer"
+
+
+def _whisper_extractor(config: Any, source: str | None) -> Any:
+    from transformers import WhisperFeatureExtractor
+
+    extractor = _load_extractor(source)
+    if isinstance(extractor, WhisperFeatureExtractor):
+        return extractor
+    return WhisperFeatureExtractor(feature_size=config.num_mel_bins)
