@@ -74,8 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may also follow options (`train R --output-dir D a.b=1`), which argparse's
+    # positional matching alone rejects: collect the leftover key=value words here.
+    args, extra = parser.parse_known_args(argv)
+    stray = [word for word in extra if word.startswith("-") or "=" not in word]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # Accelerate logs every file of every checkpoint at INFO
+        logging.getLogger("accelerate").setLevel(logging.WARNING)
     try:
         args.func(args)
     except (ValueError, OSError) as err:  # FileNotFoundError is an OSError

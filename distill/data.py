@@ -218,7 +218,9 @@ def _filter_by_duration(ds: datasets.Dataset, cfg: DataConfig, source: str) -> d
     )
     reasons = list(info["unreadable"])
     for i, seconds in enumerate(info["duration"]):
-        if not reasons[i] and seconds < cfg.min_duration_in_seconds:
+        if not reasons[i] and seconds == 0:
+            reasons[i] = "empty"
+        elif not reasons[i] and seconds < cfg.min_duration_in_seconds:
             reasons[i] = "too_short"
         elif not reasons[i] and seconds > cfg.max_duration_in_seconds:
             reasons[i] = "too_long"
@@ -433,6 +435,9 @@ def make_train_dataloader(
         batch_sampler=_TaggedBatches(sampler, batch_size, drop_last=False),
         collate_fn=_CropCollate(seed, _max_crop(data_cfg)),
         num_workers=workers,
+        # Each new iterator draws a base seed; from a private generator that draw cannot shift
+        # the global RNG, so dropout after a resume (a fresh iterator mid-epoch) matches.
+        generator=torch.Generator().manual_seed(seed),
     )
 
 

@@ -9,6 +9,7 @@ mixed precision, gradient accumulation, checkpoint state and trackers; the loop 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -161,6 +162,8 @@ def train(cfg: RecipeConfig, resume_from: str | None = None) -> Path:
             state.batches_in_epoch = 0
     progress.close()
     accelerator.wait_for_everyone()
+    # Every rank reports its weights' digest: equal lines show DDP kept the replicas in sync.
+    logger.info("rank %d: student weights sha256 %s", accelerator.process_index, _weights_digest(accelerator.unwrap_model(student)))
     if skipped.counts:
         accelerator.print(skipped.summary())
     export_dir = out / "student"
@@ -179,6 +182,14 @@ def _log(accelerator: Accelerator, state: TrainState, loss, parts: dict, schedul
     if accelerator.is_main_process:
         with open(out / "train_log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def _weights_digest(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _flat_config(cfg: RecipeConfig) -> dict:
