@@ -14,7 +14,7 @@ from typing import Iterator
 import torch
 
 from students import DistillStudent, PredictionHeads, build_student, build_student_config, init_from_upstream
-from teachers import FusedTeacher
+from teachers import FusedTeacher, load_upstream
 
 from .config import RecipeConfig
 from .data import BadAudio, decode_audio
@@ -64,8 +64,21 @@ def pca_waveforms(dataset, max_utterances: int, sampling_rate: int = 16000) -> I
         yield torch.from_numpy(audio)
 
 
-def build_distill_student(cfg: RecipeConfig, teacher: FusedTeacher) -> DistillStudent:
-    """A stock HF encoder plus prediction heads sized for the teacher's targets."""
+def build_distill_student(
+    cfg: RecipeConfig,
+    teacher: FusedTeacher | None = None,
+    *,
+    target_dim: int | None = None,
+    num_targets: int | None = None,
+    upstream_specs: list | None = None,
+) -> DistillStudent:
+    """A stock HF encoder plus prediction heads sized for the teacher's targets.
+
+    Without a teacher (training from a target cache), the target shape comes from the cache and
+    `init_from_upstream` loads just that one upstream from its spec.
+    """
+    if teacher is not None:
+        target_dim, num_targets = teacher.target_dim, len(teacher.target_layer_ids)
     s = cfg.student
     overrides = {
         key: getattr(s, key)
@@ -74,13 +87,16 @@ def build_distill_student(cfg: RecipeConfig, teacher: FusedTeacher) -> DistillSt
     config = build_student_config(s.arch, s.preset, **overrides)
     encoder = build_student(config)
     if s.init_from_upstream is not None:
-        upstream = teacher.upstreams[s.init_from_upstream].model
+        if teacher is not None:
+            upstream = teacher.upstreams[s.init_from_upstream].model
+        else:
+            upstream = load_upstream(upstream_specs[s.init_from_upstream]).model
         copied = init_from_upstream(encoder, upstream, num_layers=config.num_hidden_layers)
         logger.info("initialised %d student tensors from upstream %d", len(copied), s.init_from_upstream)
     heads = PredictionHeads(
         hidden_size=config.hidden_size,
-        target_dim=teacher.target_dim,
-        num_targets=len(teacher.target_layer_ids),
+        target_dim=target_dim,
+        num_targets=num_targets,
         mode=s.head_mode,
         student_layers=s.student_layers,
     )

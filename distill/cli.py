@@ -1,7 +1,10 @@
 """`fusion-distill` / `python -m distill`: one subcommand per stage.
 
     fusion-distill inspect-teacher RECIPE
+    fusion-distill cache-targets RECIPE --out DIR [--shard-size N] [key=value ...]
+    fusion-distill fit-teacher RECIPE --out DIR [--task ctc|classification] [--column text]
     fusion-distill train RECIPE [--output-dir DIR] [--resume-from latest|DIR] [key=value ...]
+    fusion-distill evaluate (RUN_DIR | STUDENT_DIR) [--teacher DIR] [--data DATA] [--no-probe] [--no-cost]
     fusion-distill export RUN_DIR OUT_DIR [--push-to-hub REPO_ID]
 """
 
@@ -41,6 +44,37 @@ def _cmd_inspect_teacher(args: argparse.Namespace) -> None:
     print(inspect_teacher(load_recipe(args.recipe, args.overrides), seconds=args.seconds))
 
 
+def _cmd_cache_targets(args: argparse.Namespace) -> None:
+    from .cache import cache_targets
+    from .config import load_recipe
+
+    folder = cache_targets(load_recipe(args.recipe, args.overrides), args.out, shard_size=args.shard_size, batch_size=args.batch_size)
+    print(f"targets cached in {folder}\ntrain from them: fusion-distill train {args.recipe} data.targets_cache={folder}")
+
+
+def _cmd_fit_teacher(args: argparse.Namespace) -> None:
+    from .config import load_recipe
+    from .fit_teacher import fit_teacher
+
+    cfg = load_recipe(args.recipe, args.overrides)
+    result = fit_teacher(cfg, args.out, task_kind=args.task, column=args.column, steps=args.steps, compare_single=not args.no_compare)
+    print(result["table"])
+    print(f"fitted teacher saved to {args.out}; use it with teacher.projection_fit=supervised teacher.pretrained={args.out}")
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from .evaluate import DEFAULT_PROBE_TASKS, evaluate, format_report
+
+    result = evaluate(
+        args.target, teacher=args.teacher, data=args.data, out_dir=args.out_dir,
+        probe_tasks=args.probe_task or DEFAULT_PROBE_TASKS, probe_steps=args.probe_steps,
+        max_items=args.max_items or None, probe=not args.no_probe, cost=not args.no_cost,
+        cost_seconds=args.cost_seconds, cost_repeats=args.cost_repeats, batch_size=args.batch_size,
+        overrides=args.overrides, device=args.device,
+    )
+    print(format_report(result))
+
+
 def _is_main_process() -> bool:
     from accelerate import PartialState
 
@@ -64,6 +98,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir")
     p.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload the folder to this Hub repo")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("cache-targets", help="run the teacher once over the training split and store its targets")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--out", required=True, help="cache folder (rerun to resume or repair it)")
+    p.add_argument("--shard-size", type=int, default=256, help="dataset rows per shard")
+    p.add_argument("--batch-size", type=int, default=8, help="utterances per teacher forward")
+    p.set_defaults(func=_cmd_cache_targets)
+
+    p = sub.add_parser("fit-teacher", help="fit projection + interface on labels with frozen upstreams")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--out", required=True, help="folder for the fitted teacher and fit_report.json")
+    p.add_argument("--task", choices=("ctc", "classification"), default="ctc")
+    p.add_argument("--column", help="label column (default: data.text_column_name for ctc, data.label_column_name otherwise)")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--no-compare", action="store_true", help="skip the single-upstream rows")
+    p.set_defaults(func=_cmd_fit_teacher)
+
+    p = sub.add_parser("evaluate", help="student vs fused teacher: prediction similarity, probes, cost")
+    p.add_argument("target", help="a run folder (train --output-dir) or an exported student folder")
+    p.add_argument("overrides", nargs="*", help="dotted recipe overrides, e.g. data.eval_split_name=dev")
+    p.add_argument("--teacher", help="a saved FusedTeacher folder (default: RUN/teacher)")
+    p.add_argument("--data", help="dataset to evaluate on (replaces data.dataset_name)")
+    p.add_argument("--out-dir", help="default: RUN/eval (STUDENT_DIR-eval for an exported folder)")
+    p.add_argument("--probe-task", action="append", metavar="KIND:COLUMN",
+                   help="repeatable; default: ctc:text and classification:label")
+    p.add_argument("--probe-steps", type=int, default=200, help="training steps of every probe head")
+    p.add_argument("--max-items", type=int, default=200, help="utterances read per split (0: all)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--no-probe", action="store_true", help="skip the probes")
+    p.add_argument("--no-cost", action="store_true", help="skip the cost table")
+    p.add_argument("--cost-seconds", type=float, default=10.0, help="audio length of the costed forward")
+    p.add_argument("--cost-repeats", type=int, default=3, help="timed forwards per model (median reported)")
+    p.add_argument("--device", help="cuda | cpu (default: cuda when available); cost always runs on the CPU")
+    p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("inspect-teacher", help="build the teacher and print its shapes, sizes and speed")
     p.add_argument("recipe")

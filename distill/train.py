@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,6 +25,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from .build import build_distill_student, build_teacher
+from .cache import TargetCache
 from .checkpoint import find_checkpoint, save_checkpoint
 from .config import RecipeConfig
 from .data import SkipCounter, load_audio_dataset, make_train_dataloader
@@ -84,10 +86,23 @@ def train(cfg: RecipeConfig, resume_from: str | None = None) -> Path:
 
     # --- build: data, teacher (fitted once, saved with the run), student ---
     train_set = load_audio_dataset(cfg.data, cfg.data.train_split_name)
-    with accelerator.main_process_first():  # rank 0 fits and saves; the others load that file
-        teacher = build_teacher(cfg, train_set, out / "teacher")
-    teacher.to(accelerator.device)
-    student = build_distill_student(cfg, teacher)
+    if cfg.data.targets_cache:  # targets precomputed by `cache-targets`: no teacher forward
+        with accelerator.main_process_first():  # rank 0 hashes every shard; the others open after it
+            cache = TargetCache.open(cfg.data.targets_cache, layer_ids=cfg.teacher.target_layers, verify=accelerator.is_main_process)
+        cache.check_recipe(cfg.teacher)
+        if accelerator.is_main_process:
+            shutil.copytree(cache.teacher_dir, out / "teacher", dirs_exist_ok=True)
+        teacher, min_samples = None, cache.min_samples
+        student = build_distill_student(
+            cfg, target_dim=cache.target_dim, num_targets=len(cache.layer_ids), upstream_specs=cache.teacher_config["upstreams"]
+        )
+    else:
+        cache = None
+        with accelerator.main_process_first():  # rank 0 fits and saves; the others load that file
+            teacher = build_teacher(cfg, train_set, out / "teacher")
+        teacher.to(accelerator.device)
+        min_samples = max(u.min_samples for u in teacher.upstreams)
+        student = build_distill_student(cfg, teacher)
     optimizer = torch.optim.AdamW(student.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
     # The prepared scheduler steps once per process per optimizer step, so scale the schedule.
     scheduler = get_scheduler(
@@ -96,7 +111,7 @@ def train(cfg: RecipeConfig, resume_from: str | None = None) -> Path:
         num_warmup_steps=t.warmup_steps * accelerator.num_processes,
         num_training_steps=t.max_steps * accelerator.num_processes,
     )
-    loader = make_train_dataloader(train_set, cfg.data, t.per_device_train_batch_size, t.seed, min_samples=max(u.min_samples for u in teacher.upstreams))
+    loader = make_train_dataloader(train_set, cfg.data, t.per_device_train_batch_size, t.seed, min_samples=min_samples)
     student, optimizer, loader, scheduler = accelerator.prepare(student, optimizer, loader, scheduler)
     state = TrainState()
     accelerator.register_for_checkpointing(state)
@@ -132,6 +147,8 @@ def train(cfg: RecipeConfig, resume_from: str | None = None) -> Path:
                     # backward, so the other ranks' gradient all-reduce does not wait forever.
                     loss, parts = sum(p.sum() for p in student.parameters()) * 0.0, {}
                 else:
+                    if cache is not None:
+                        cache.add_targets(batch)
                     loss, parts = loss_step(student, teacher, batch, cfg.loss.cos_weight)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:

@@ -126,3 +126,25 @@ def test_two_cpu_processes_end_with_identical_weights(tmp_path):
     assert "processes=2 device=cpu" in result.stdout
     digests = dict(re.findall(r"rank (\d): student weights sha256 (\w+)", result.stderr))
     assert set(digests) == {"0", "1"} and digests["0"] == digests["1"]
+
+
+def test_cache_targets_then_train_without_the_teacher(tmp_path):
+    cache = tmp_path / "cache"
+    made = _cli("cache-targets", "demo", "--out", str(cache), "--shard-size", "16", *FAST)
+    assert made.returncode == 0, made.stderr[-2000:]
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert len(manifest["shards"]) == 2 and all(s["sha256"] for s in manifest["shards"])
+    run = tmp_path / "run"
+    result = _cli("train", "demo", "--output-dir", str(run), f"data.targets_cache={cache}", "training.max_steps=2", *FAST)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (run / "student" / "model.safetensors").exists()
+    # The run records the exact teacher that made its targets.
+    assert (run / "teacher" / "fused_teacher.json").read_text() == (cache / "teacher" / "fused_teacher.json").read_text()
+
+
+def test_fit_teacher_cli_saves_a_supervised_teacher(tmp_path):
+    out = tmp_path / "fitted"
+    result = _cli("fit-teacher", "demo", "--out", str(out), "--task", "classification", "--steps", "5", *FAST)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "fused (3 upstreams)" in result.stdout and "accuracy" in result.stdout
+    assert (out / "fused_teacher.json").exists() and (out / "fit_report.json").exists()

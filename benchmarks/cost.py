@@ -1,0 +1,237 @@
+"""Inference cost, side by side in one run: each upstream, the fused teachers and the shipped students.
+
+    python benchmarks/cost.py [--seconds 10] [--repeats 5] [--threads 2] [--json PATH] [--quick]
+
+Every model is built at its real size from a config with random weights (nothing is downloaded;
+weights do not change the cost). Rows, all on the same `--seconds` of audio:
+- upstreams: WavLM Base+, HuBERT Base, Data2VecAudio Base on raw audio (`model(input_values)`),
+  and the Whisper Small encoder on the 3000 mel frames (30 s padded window) it requires,
+  log-mel extraction included;
+- each teacher twice: `fused` = `FusedTeacher.targets([wave])` measured end to end (upstreams,
+  log-mel, alignment, normalisation, CHConv projection and HConv interface output), and `sum` =
+  the measured upstream rows plus a measured CHConv interface on the aligned features;
+- the students shipped as presets (stock HubertModel, heads dropped).
+
+The ratios are against the `fused` teachers (`sum` with --no-fused). The last stdout line names
+the best shipped student: the largest speedup among those >= 10x smaller than the 3-upstream
+teacher. Progress goes to stderr. `--quick` builds tiny configs on 1 s of audio (for tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from functools import partial
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModel
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+from distill.cost import (Cost, CostJob, audio_encoder_job, cost_table, fused_teacher_job, measure_jobs, ratios,
+                          student_job, sum_costs, whisper_encoder_job)
+from students import PRESETS, build_student
+from teachers import CHConv, FusedTeacher, wav2vec_num_frames
+
+# Real sizes. The wav2vec-family defaults ARE the base geometry (12 layers, 768, 512x7 conv);
+# WavLM Base+ differs from WavLM Base only in its training data.
+_WHISPER_SMALL = dict(
+    d_model=768, encoder_layers=12, encoder_attention_heads=12, encoder_ffn_dim=3072, num_mel_bins=80,
+    max_source_positions=1500, decoder_attention_heads=12, decoder_ffn_dim=3072,
+    decoder_layers=1,  # only the encoder runs or counts; a 1-layer decoder just builds faster
+)
+REAL = {
+    "WavLM Base+": dict(model_type="wavlm"),
+    "HuBERT Base": dict(model_type="hubert"),
+    "Data2VecAudio Base": dict(model_type="data2vec-audio"),
+    "Whisper Small enc": dict(model_type="whisper", **_WHISPER_SMALL),
+}
+# Tiny shapes for --quick, keeping the real frame grids (wav2vec conv strides, 30 s Whisper window).
+_TINY_W2V = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                 conv_dim=(16,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2)
+TINY = {
+    "WavLM Base+": dict(model_type="wavlm", **_TINY_W2V, num_buckets=16, max_bucket_distance=64),
+    "HuBERT Base": dict(model_type="hubert", **_TINY_W2V),
+    "Data2VecAudio Base": dict(model_type="data2vec-audio", **{**_TINY_W2V, "num_conv_pos_embeddings": 5}),
+    "Whisper Small enc": dict(model_type="whisper", d_model=32, encoder_layers=2, encoder_attention_heads=2,
+                              encoder_ffn_dim=64, num_mel_bins=80, max_source_positions=1500, decoder_layers=1,
+                              decoder_attention_heads=2, decoder_ffn_dim=64),
+}
+TEACHERS = {
+    "teacher2": ("WavLM Base+", "Whisper Small enc"),
+    "teacher3": ("WavLM Base+", "HuBERT Base", "Whisper Small enc"),
+}
+SHIPPED = ("distilhubert", "hubert_2l_768_conv256", "hubert_4l_384_conv256", "hubert_2l_384_conv128")
+TARGET_SPEEDUP, MIN_SIZE_RATIO = 15.0, 10.0
+NOISY = 1.5  # median/min latency above this: the machine was busy while we timed
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _wave(seconds: float) -> torch.Tensor:
+    """A fixed speech-like test signal (harmonics, slow envelope, noise); cost does not depend on it."""
+    g = torch.Generator().manual_seed(0)
+    t = torch.arange(int(seconds * 16000)) / 16000
+    voiced = sum(torch.sin(2 * torch.pi * 130 * k * t) / k for k in range(1, 6))
+    envelope = 0.5 + 0.5 * torch.sin(2 * torch.pi * 3 * t)
+    return (0.1 * voiced * envelope + 0.01 * torch.randn(t.shape, generator=g)).float()
+
+
+def _build(spec: dict) -> torch.nn.Module:
+    kwargs = dict(spec)
+    config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+    torch.manual_seed(0)
+    # Whisper: build the encoder alone, never the decoder with its 52k-token vocabulary.
+    model = WhisperEncoder(config) if config.model_type == "whisper" else AutoModel.from_config(config)
+    return model.eval()
+
+
+def _width_depth(spec: dict) -> tuple[int, int]:
+    if spec["model_type"] == "whisper":
+        return spec["d_model"], spec["encoder_layers"] + 1
+    config = AutoConfig.for_model(spec["model_type"], **{k: v for k, v in spec.items() if k != "model_type"})
+    return config.hidden_size, config.num_hidden_layers + 1
+
+
+def measure(args: argparse.Namespace) -> tuple[list[Cost], dict[str, str]]:
+    """All rows, and the reference row name of each teacher.
+
+    Everything is built first and then timed in ONE set of interleaved rounds, so teachers and
+    students see the same machine load (see distill.cost).
+    """
+    specs = TINY if args.quick else REAL
+    wave = _wave(args.seconds)
+    jobs: list[CostJob] = []
+    for name, spec in specs.items():
+        _log(f"building upstream {name} ...")
+        model = _build(spec)
+        whisper = spec["model_type"] == "whisper"
+        jobs.append(whisper_encoder_job(name, model, wave, include_log_mel=True) if whisper else audio_encoder_job(name, model, wave))
+
+    frames = wav2vec_num_frames(wave.numel())  # the teacher aligns to the student's frame grid
+    sums: dict[str, list[str]] = {}
+    for teacher, members in TEACHERS.items():
+        dims, depths = zip(*(_width_depth(specs[m]) for m in members))
+        proj_dim = max(dims)  # D_f = 768 at real size, as the recipes use
+        chconv = CHConv(max(depths), dims, proj_dim).eval()
+        features = torch.randn(max(depths), 1, frames, sum(dims))
+        interface = f"CHConv {'+'.join(map(str, dims))}->{proj_dim}"
+        jobs.append(CostJob(interface, partial(chconv, features), chconv, f"{max(depths)} layers x {frames} frames"))
+        sums[teacher] = [*members, interface]
+        if not args.no_fused:
+            _log(f"building {teacher} (FusedTeacher) ...")
+            jobs.append(fused_teacher_job(f"{teacher} fused", _fused_teacher([specs[m] for m in members], proj_dim), wave))
+
+    for preset in SHIPPED:
+        torch.manual_seed(0)
+        jobs.append(student_job(preset, build_student(PRESETS[preset]()).eval(), wave, note="stock HubertModel"))
+
+    _log(f"measuring {len(jobs)} models: FLOPs, then {args.warmup} warm-up + {args.repeats} timed rounds ...")
+    measured = {c.name: c for c in measure_jobs(jobs, repeats=args.repeats, warmup=args.warmup, threads=args.threads)}
+    rows, references = [], {}
+    for name in specs:
+        rows.append(measured.pop(name))
+    for teacher, parts in sums.items():
+        rows.append(measured.pop(parts[-1]))
+        rows.append(sum_costs(f"{teacher} sum", [c for c in rows if c.name in parts]))
+        references[teacher] = f"{teacher} sum"
+        if not args.no_fused:
+            rows.append(measured.pop(f"{teacher} fused"))
+            references[teacher] = f"{teacher} fused"
+    rows.extend(measured.values())  # the students, in SHIPPED order
+    return rows, references
+
+
+def _fused_teacher(specs: list[dict], proj_dim: int) -> FusedTeacher:
+    # The full fused model, as deployed for downstream use: CHConv projection AND the HConv
+    # interface output (include_interface_output needs projection_fit=supervised). Its weights
+    # would come from a supervised fit; their values do not change the cost, so the random-init
+    # fusion is marked fitted instead of trained (as distill.inspect does for timing).
+    teacher = FusedTeacher.from_config(
+        {"upstreams": [{"config": s} for s in specs], "fusion": "chconv", "target_mode": "chconv",
+         "projection_dim": proj_dim, "projection_fit": "supervised", "include_interface_output": True},
+        progress=_log,
+    )
+    teacher.fitted = True
+    return teacher
+
+
+def best_student(rows: list[Cost], reference: Cost) -> tuple[Cost, bool]:
+    """The shipped student with the largest speedup among those >= MIN_SIZE_RATIO smaller than
+    `reference`; if none is that small, the fastest one (and False)."""
+    students = [r for r in rows if r.name in SHIPPED]
+    small = [s for s in students if ratios(s, reference)[1] >= MIN_SIZE_RATIO]
+    pool = small or students
+    return max(pool, key=lambda s: ratios(s, reference)[0]), bool(small)
+
+
+def report(rows: list[Cost], references: dict[str, str], args: argparse.Namespace) -> dict:
+    by_name = {r.name: r for r in rows}
+    ref2, ref3 = by_name[references["teacher2"]], by_name[references["teacher3"]]
+    how = "sum of measured upstreams + measured CHConv" if args.no_fused else "FusedTeacher.targets measured end to end"
+    print(f"# Inference cost on {args.seconds:g} s of audio, {args.threads} CPU threads, fp32, "
+          f"median of {args.repeats} after {args.warmup} warm-up{' (QUICK: tiny configs)' if args.quick else ''}")
+    print("teacher2 = WavLM Base+ + Whisper Small; teacher3 = WavLM Base+ + HuBERT Base + Whisper Small")
+    print("fused = FusedTeacher.targets end to end (CHConv, interface output on); "
+          "sum = measured upstream rows + measured CHConv interface")
+    print(f"ratios: against {ref2.name} and {ref3.name} ({how}); Whisper at its 30 s window, log-mel included")
+    print("GFLOPs: matmul/conv/attention ops counted by torch FlopCounterMode (2 per multiply-add)")
+    before, after = args.load
+    print(f"machine: {os.cpu_count()} CPUs, 1-min load average {before:.1f} before / {after:.1f} after the run "
+          f"(above ~{args.threads}, other processes shared the CPU and latencies are inflated)\n")
+    print(cost_table(rows, [ref2.name, ref3.name]))
+    print()
+    for s in (r for r in rows if r.name in SHIPPED):
+        (speed2, size2), (speed3, size3) = ratios(s, ref2), ratios(s, ref3)
+        print(f"{s.name}: {speed3:.3g}x faster and {size3:.3g}x smaller than teacher3; "
+              f"{speed2:.3g}x faster and {size2:.3g}x smaller than teacher2")
+    noisy = [r.name for r in rows if r.latencies_ms and r.latency_ms_median > NOISY * r.latency_ms_min]
+    if noisy:
+        print(f"warning: noisy timings (median > {NOISY:g}x min) for {', '.join(noisy)}; rerun on an idle machine")
+    best, small_enough = best_student(rows, ref3)
+    speed, size = ratios(best, ref3)
+    if not small_enough:
+        print(f"note: no shipped student is >= {MIN_SIZE_RATIO:g}x smaller than teacher3; naming the fastest")
+    met = speed >= TARGET_SPEEDUP and size >= MIN_SIZE_RATIO
+    print(f"target (>= {TARGET_SPEEDUP:g}x faster and >= {MIN_SIZE_RATIO:g}x smaller than teacher3): "
+          f"{'met' if met else 'NOT met'} by {best.name} ({speed:.3g}x faster, {size:.3g}x smaller)")
+    print(f"speedup vs 3-upstream teacher: {speed:.1f}x ({best.name})")
+    return {
+        "audio_seconds": args.seconds, "threads": args.threads, "repeats": args.repeats, "warmup": args.warmup,
+        "quick": args.quick, "torch": torch.__version__, "teacher_cost": how, "load_average": list(args.load),
+        "references": references, "rows": [r.as_dict() for r in rows],
+        "best": {"student": best.name, "speedup": speed, "size_ratio": size, "target_met": met},
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=None, help="audio length (default 10; 1 with --quick)")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed rounds (median; 5 rides out the load swings of a shared CPU)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed forwards before timing")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for every measurement")
+    parser.add_argument("--no-fused", action="store_true", help="teachers as sums of parts only (no FusedTeacher run)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--quick", action="store_true", help="tiny configs on 1 s of audio (smoke test)")
+    args = parser.parse_args(argv)
+    args.seconds = args.seconds if args.seconds is not None else (1.0 if args.quick else 10.0)
+    if args.seconds * 16000 > 2 * 1500 * 160:
+        parser.error("--seconds must be <= 30: the Whisper rows cost one 30 s window")
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
+    rows, references = measure(args)
+    args.load = (load_before, os.getloadavg()[0])
+    result = report(rows, references, args)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        _log(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

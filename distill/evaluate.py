@@ -1,0 +1,351 @@
+"""Evaluate a distilled student against its fused teacher: similarity, probes, cost.
+
+    fusion-distill evaluate RUN_DIR [--teacher DIR] [--data DATASET] [--no-probe] [--no-cost]
+
+1. Prediction similarity: per target layer, the cosine similarity and L1 distance between the
+   student's head predictions and the teacher's targets, over VALID frames of whole held-out
+   utterances (the recipe's eval split), pooled over frames. It needs the prediction heads, which
+   only a run folder has (in its newest checkpoint); an exported student folder has none, so the
+   section is skipped there and says so.
+2. Probes (SUPERB style, distill/probe.py): frozen features + weighted sum + small head, for each
+   task in `probe_tasks` ("kind:column"), for the student, the fused teacher and every single
+   upstream, with one budget (steps, learning rate, seed) for all.
+3. Cost (distill/cost.py): params, GFLOPs and median CPU latency on `cost_seconds` of audio for
+   the same models, with speed-up and size ratios against the fused teacher.
+
+Everything goes to OUT/eval.json (default RUN_DIR/eval/) plus OUT/layer_similarity.png; the
+`format_*` helpers turn the result into the tables the CLI prints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+from transformers import PreTrainedModel
+
+from students import DistillStudent
+from teachers import FusedTeacher
+
+from .audio import RECEPTIVE_FIELD
+from .build import build_distill_student
+from .checkpoint import find_checkpoint
+from .config import DataConfig, load_recipe
+from .cost import Cost, audio_encoder_job, fused_teacher_job, measure_jobs, ratios, student_job, whisper_encoder_job
+from .data import load_audio_dataset, make_eval_batches
+from .losses import frame_mask
+# The format_* helpers are re-exported here: `evaluate` and its tables are one surface for the CLI.
+from .plots import format_cost, format_probes, format_report, format_similarity, plot_layer_similarity
+from .probe import ProbeTask, hf_encoder_extractor, run_probe, teacher_extractor
+
+__all__ = [
+    "EvalTarget", "load_target", "evaluate", "prediction_similarity", "probe_all", "cost_all",
+    "format_similarity", "format_probes", "format_cost", "format_report",
+    "STUDENT", "TEACHER", "DEFAULT_PROBE_TASKS",
+]
+
+logger = logging.getLogger(__name__)
+
+STUDENT, TEACHER = "student", "fused teacher"
+DEFAULT_PROBE_TASKS = ("ctc:text", "classification:label")
+PLOT_NAME, JSON_NAME = "layer_similarity.png", "eval.json"
+
+
+@dataclass
+class EvalTarget:
+    """What is evaluated, resolved from a run folder or an exported student folder.
+
+    kind: "run" or "student"; encoder: the stock HF encoder (what ships); normalize: whether it
+    expects zero-mean unit-variance audio (None: its folder's preprocessor_config.json decides,
+    as distill.probe.hf_encoder_extractor reads it); student: encoder +
+    heads (runs only); teacher and data: None when neither the run nor the caller names them;
+    source: the checkpoint or folder the weights came from.
+    """
+
+    kind: str
+    path: Path
+    encoder: PreTrainedModel
+    normalize: bool | None
+    source: Path
+    student: DistillStudent | None = None
+    teacher: FusedTeacher | None = None
+    data: DataConfig | None = None
+
+
+def load_target(
+    target: str | Path, teacher: str | Path | None = None, data: str | None = None, overrides: Sequence[str] = ()
+) -> EvalTarget:
+    """A run folder (recipe.yaml) or an exported student folder (config.json) -> EvalTarget.
+
+    `teacher` replaces the run's saved teacher (a FusedTeacher.save_pretrained folder); `data`
+    replaces data.dataset_name; `overrides` are dotted recipe overrides (data.eval_split_name=dev).
+    An exported folder inside a run (RUN/student) takes the run's recipe and teacher.
+    """
+    path = Path(target)
+    if (path / "recipe.yaml").is_file():
+        cfg = load_recipe(path / "recipe.yaml", list(overrides))
+        fused = FusedTeacher.from_pretrained(teacher or path / "teacher")
+        # The checkpoint overwrites every weight, and a --teacher with other upstreams could not
+        # give the initial copy anyway.
+        cfg.student.init_from_upstream = None
+        student = build_distill_student(cfg, fused)
+        checkpoint = find_checkpoint(path, "latest")
+        _load_strict(student, checkpoint / "model.safetensors", fused)
+        student.eval()
+        cfg.data.dataset_name = data or cfg.data.dataset_name
+        return EvalTarget("run", path, student.encoder, True, checkpoint, student, fused, cfg.data)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: neither a training run (recipe.yaml) nor an exported student (config.json)")
+    from transformers import AutoModel
+
+    encoder = AutoModel.from_pretrained(path).eval()
+    run = path.parent if (path.parent / "recipe.yaml").is_file() else None
+    if run is not None:
+        data_cfg = load_recipe(run / "recipe.yaml", list(overrides)).data
+        data_cfg.dataset_name = data or data_cfg.dataset_name
+        teacher = teacher or (run / "teacher" if (run / "teacher").is_dir() else None)
+    else:
+        data_cfg = _bare_data_config(data, overrides)
+    fused = FusedTeacher.from_pretrained(teacher) if teacher else None
+    return EvalTarget("student", path, encoder, None, path, None, fused, data_cfg)
+
+
+def _load_strict(student: DistillStudent, weights_path: Path, teacher: FusedTeacher) -> None:
+    weights, expected = load_file(str(weights_path)), student.state_dict()
+    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    shapes = sorted(k for k in set(weights) & set(expected) if weights[k].shape != expected[k].shape)
+    if missing or unexpected or shapes:
+        raise ValueError(
+            f"{weights_path} does not match the recipe's student with heads for {len(teacher.target_layer_ids)} "
+            f"targets of width {teacher.target_dim}: missing {missing[:3]}, unexpected {unexpected[:3]}, "
+            f"other shape {shapes[:3]} (a --teacher must have the run's target layers and width)"
+        )
+    student.load_state_dict(weights, strict=True)
+
+
+def _bare_data_config(data: str | None, overrides: Sequence[str]) -> DataConfig | None:
+    if data is None:
+        return None
+    other = [o for o in overrides if not o.startswith("data.")]
+    if other:
+        raise ValueError(f"overrides {other}: without a recipe only data.* keys apply")
+    merged = OmegaConf.merge(OmegaConf.structured(DataConfig(dataset_name=data)),
+                             OmegaConf.from_dotlist([o[len("data."):] for o in overrides]))
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------- the three parts
+def prediction_similarity(student: DistillStudent, teacher: FusedTeacher, batches: Iterable[dict]) -> dict[str, Any]:
+    """Per-target-layer cosine and L1 of student predictions vs teacher targets on valid frames.
+
+    Both are pooled over every valid frame of every utterance (long utterances weigh more), the
+    L1 being the mean absolute difference over features, as in the training loss.
+    """
+    device = next(student.parameters()).device
+    num_targets = len(teacher.target_layer_ids)
+    cos_sum, l1_sum = torch.zeros(num_targets, dtype=torch.float64), torch.zeros(num_targets, dtype=torch.float64)
+    frames, utterances, skipped = 0, 0, Counter()
+    for batch in batches:
+        skipped.update(batch["skipped"])
+        if not batch["ids"]:
+            continue
+        with torch.inference_mode():
+            out = student(batch["waveforms"].to(device), batch["lengths"].to(device))
+            # The teacher runs every item unpadded, on the student's frame grid.
+            targets = teacher.targets(batch["waveforms"], lengths=batch["lengths"], num_frames=out.lengths.tolist())
+        steps = targets.layers.shape[2]
+        predictions, target_layers = out.predictions[:, :, :steps].float(), targets.layers.to(device).float()
+        mask = frame_mask(out.lengths, steps).to(predictions.dtype)
+        cos = F.cosine_similarity(predictions, target_layers, dim=-1)
+        l1 = (predictions - target_layers).abs().mean(dim=-1)
+        cos_sum += (cos * mask).sum(dim=(1, 2)).double().cpu()
+        l1_sum += (l1 * mask).sum(dim=(1, 2)).double().cpu()
+        frames += int(mask.sum())
+        utterances += len(batch["ids"])
+    if not frames:
+        raise ValueError(f"prediction similarity: no usable utterances (skipped: {dict(skipped) or 'none'})")
+    layers = [
+        {"target": k, "teacher_layer": int(layer), "cosine": float(cos_sum[k] / frames), "l1": float(l1_sum[k] / frames)}
+        for k, layer in enumerate(teacher.target_layer_ids)
+    ]
+    return {
+        "utterances": utterances, "frames": frames, "skipped_utterances": dict(skipped), "layers": layers,
+        "mean_cosine": sum(r["cosine"] for r in layers) / len(layers), "mean_l1": sum(r["l1"] for r in layers) / len(layers),
+    }
+
+
+def probe_all(
+    target: EvalTarget, tasks: Sequence[str] = DEFAULT_PROBE_TASKS, *, steps: int = 200, learning_rate: float = 1e-3,
+    seed: int = 0, interface: str = "weighted_sum", max_items: int | None = 200, batch_size: int = 8,
+) -> dict[str, Any]:
+    """SUPERB-style probes of the student, the fused teacher and each upstream, one budget for all.
+
+    Probe heads train on the recipe's train split and are scored on its eval split (at most
+    `max_items` utterances of each); a task whose column the dataset lacks is skipped and says so.
+    """
+    data = target.data
+    train_set = load_audio_dataset(data, data.train_split_name)
+    dev_set = load_audio_dataset(data, _eval_split(data))
+    min_samples = _min_samples(target.teacher)
+    # Materialised once: every model and task trains on exactly the same batches.
+    train_batches = list(make_eval_batches(train_set, data, batch_size, max_items, min_samples))
+    dev_batches = list(make_eval_batches(dev_set, data, batch_size, max_items, min_samples))
+    models = _probe_extractors(target)
+    budget = {"steps": steps, "learning_rate": learning_rate, "seed": seed, "interface": interface}
+    section: dict[str, Any] = {"budget": budget, "train_utterances": sum(len(b["ids"]) for b in train_batches),
+                               "dev_utterances": sum(len(b["ids"]) for b in dev_batches), "tasks": {}}
+    for spec in tasks:
+        kind, _, column = spec.partition(":")
+        # Labels ride in the batches ("texts", "labels"), present only when the dataset has the column.
+        if not any(key in batch for batch in train_batches[:1] for key in (column + "s", column)):
+            section["tasks"][spec] = {"skipped": f"the dataset has no {column!r} column"}
+            logger.warning("probe %s skipped: the dataset has no %r column", spec, column)
+            continue
+        task = ProbeTask.from_dataset(train_set, kind, column)
+        rows = []
+        for name, extract in models.items():
+            logger.info("probe %s: %s", spec, name)
+            rows.append({"model": name, **run_probe(extract, train_batches, dev_batches, task, **budget).to_dict()})
+        section["tasks"][spec] = {"metric": rows[0]["metric"], "lower_is_better": rows[0]["lower_is_better"], "rows": rows}
+    return section
+
+
+def _probe_extractors(target: EvalTarget) -> dict[str, Any]:
+    models = {STUDENT: hf_encoder_extractor(target.encoder, normalize=target.normalize)}
+    if target.teacher is not None:
+        models[TEACHER] = teacher_extractor(target.teacher)
+        for name, upstream in _named_upstreams(target.teacher):
+            models[name] = teacher_extractor(_single_upstream_teacher(upstream, target.teacher.normalize))
+    return models
+
+
+def _single_upstream_teacher(upstream: Any, normalize: bool) -> FusedTeacher:
+    """One upstream behind the fused teacher's own front half (frame alignment to the wav2vec
+    grid, per-layer normalisation), no projection: each upstream is probed on exactly the
+    features it contributes to the fusion, and Whisper needs no separate extractor."""
+    return FusedTeacher([upstream], fusion="weighted_sum", projection_dim=None, projection_fit="none",
+                        target_mode="concat", normalize=normalize)
+
+
+def cost_all(target: EvalTarget, seconds: float = 10.0, repeats: int = 3, threads: int | None = None) -> list[Cost]:
+    """Cost rows for the student (encoder only: the heads do not ship), the fused teacher and
+    each upstream, all on the CPU in fp32 (models are moved there) on the same `seconds` of audio."""
+    teacher = target.teacher
+    if teacher is not None and seconds > 30 and any(u.model_type == "whisper" for u in teacher.upstreams):
+        raise ValueError(f"cost: {seconds} s of audio, but a Whisper upstream is costed on one 30 s window; use <= 30 s")
+    generator = torch.Generator().manual_seed(0)
+    wave = 0.1 * torch.randn(int(seconds * 16000), generator=generator)  # content does not change the cost
+    jobs = [student_job(STUDENT, target.encoder.to("cpu"), wave)]
+    if teacher is not None:
+        teacher.to("cpu")
+        jobs.append(fused_teacher_job(TEACHER, teacher, wave))
+        for name, upstream in _named_upstreams(teacher):
+            job = whisper_encoder_job if upstream.model_type == "whisper" else audio_encoder_job
+            jobs.append(job(name, upstream.model, wave))
+    return measure_jobs(jobs, repeats=repeats, threads=threads)
+
+
+def _cost_section(costs: list[Cost], seconds: float) -> dict[str, Any]:
+    reference = next((c for c in costs if c.name == TEACHER), costs[0])
+    rows = []
+    for c in costs:
+        speedup, size_ratio = ratios(c, reference)
+        rows.append({**c.as_dict(), "speedup": speedup, "size_ratio": size_ratio})
+    return {"seconds": seconds, "reference": reference.name, "rows": rows}
+
+
+def _named_upstreams(teacher: FusedTeacher) -> list[tuple[str, Any]]:
+    # Local folders are named by their last part; repeats of one model get a position suffix.
+    names = [Path(u.name).name if Path(u.name).is_absolute() else u.name for u in teacher.upstreams]
+    counts = Counter(names)
+    return [(f"{n} #{i}" if counts[n] > 1 else n, u) for i, (n, u) in enumerate(zip(names, teacher.upstreams))]
+
+
+def _check_tasks(specs: Sequence[str]) -> None:
+    # Fail on a typo before minutes of model loading, not after the similarity pass.
+    for spec in specs:
+        kind, _, column = spec.partition(":")
+        if kind not in ("ctc", "classification") or not column:
+            raise ValueError(f"probe task {spec!r}: expected ctc:COLUMN or classification:COLUMN")
+
+
+def _eval_split(data: DataConfig) -> str:
+    if not data.eval_split_name:
+        raise ValueError("no held-out split: set data.eval_split_name (override data.eval_split_name=SPLIT)")
+    return data.eval_split_name
+
+
+def _min_samples(teacher: FusedTeacher | None) -> int:
+    # Shorter audio than any upstream's receptive field is refused by that upstream.
+    return max([RECEPTIVE_FIELD] + ([u.min_samples for u in teacher.upstreams] if teacher is not None else []))
+
+
+# ----------------------------------------------------------------------------- the whole report
+def evaluate(
+    target: str | Path, teacher: str | Path | None = None, data: str | None = None, out_dir: str | Path | None = None,
+    probe_tasks: Sequence[str] = DEFAULT_PROBE_TASKS, probe_steps: int = 200, max_items: int | None = 200, *,
+    probe: bool = True, cost: bool = True, probe_learning_rate: float = 1e-3, probe_seed: int = 0,
+    probe_interface: str = "weighted_sum", batch_size: int = 8, cost_seconds: float = 10.0, cost_repeats: int = 3,
+    cost_threads: int | None = None, overrides: Sequence[str] = (), device: str | None = None,
+) -> dict[str, Any]:
+    """Evaluate a run folder (or an exported student folder); write OUT/eval.json and the plot.
+
+    `max_items` caps the utterances read from each split (None: all). Returns what eval.json
+    holds: target, similarity, probes, cost (a skipped part holds {"skipped": reason}), files.
+    """
+    _check_tasks(probe_tasks if probe else ())
+    t = load_target(target, teacher, data, overrides)
+    # Beside an exported folder, not inside it: files there would ship (and upload) with the model.
+    out = Path(out_dir) if out_dir else (t.path / "eval" if t.kind == "run" else t.path.with_name(t.path.name + "-eval"))
+    out.mkdir(parents=True, exist_ok=True)
+    run_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    for module in (t.student if t.student is not None else t.encoder, t.teacher):
+        if module is not None:
+            module.to(run_device)
+    result: dict[str, Any] = {
+        "target": str(t.path), "kind": t.kind, "weights": str(t.source),
+        "teacher": t.teacher.config if t.teacher is not None else None,
+        "dataset": dataclasses.asdict(t.data) if t.data is not None else None, "max_items": max_items,
+        "files": {"eval_json": str(out / JSON_NAME), "plot": None},
+    }
+    result["similarity"] = _similarity_part(t, max_items, batch_size)
+    if "layers" in result["similarity"]:
+        plot = plot_layer_similarity(result["similarity"]["layers"], out / PLOT_NAME, f"{t.path.name}: student vs teacher")
+        result["files"]["plot"] = str(plot) if plot else None
+    if not probe:
+        result["probes"] = {"skipped": "probes switched off"}
+    elif t.data is None:
+        result["probes"] = {"skipped": "no dataset: pass data (--data)"}
+    else:
+        result["probes"] = probe_all(t, probe_tasks, steps=probe_steps, learning_rate=probe_learning_rate, seed=probe_seed,
+                                     interface=probe_interface, max_items=max_items, batch_size=batch_size)
+    if cost:
+        result["cost"] = _cost_section(cost_all(t, cost_seconds, cost_repeats, cost_threads), cost_seconds)
+    else:
+        result["cost"] = {"skipped": "cost switched off"}
+    (out / JSON_NAME).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _similarity_part(t: EvalTarget, max_items: int | None, batch_size: int) -> dict[str, Any]:
+    if t.student is None:
+        return {"skipped": "an exported student has no prediction heads; evaluate its run folder for prediction similarity"}
+    if t.data is None:
+        return {"skipped": "no dataset: pass data (--data)"}
+    data = t.data
+    # A group-norm front-end changes under zero padding even with an attention mask: one by one.
+    if getattr(t.encoder.config, "feat_extract_norm", "group") != "layer":
+        batch_size = 1
+    batches = make_eval_batches(load_audio_dataset(data, _eval_split(data)), data, batch_size, max_items,
+                                _min_samples(t.teacher))
+    return {"split": data.eval_split_name, **prediction_similarity(t.student, t.teacher, batches)}

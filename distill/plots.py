@@ -1,0 +1,101 @@
+"""Rendering an evaluation result (distill/evaluate.py's dict): markdown tables and the figure.
+
+Tables are plain strings (the CLI prints them). matplotlib is optional (the `plots` extra):
+figures are drawn on a bare `matplotlib.figure.Figure` (Agg canvas), never through pyplot, so
+no GUI backend is needed and the caller's global matplotlib state is left alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .cost import Cost, cost_table
+
+__all__ = ["plot_layer_similarity", "format_similarity", "format_probes", "format_cost", "format_report"]
+
+logger = logging.getLogger(__name__)
+
+
+def plot_layer_similarity(layers: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path | None:
+    """Cosine similarity and L1 distance per target layer, side by side, written to `path` (PNG).
+
+    `layers` are the rows of eval.json's similarity section (keys teacher_layer, cosine, l1).
+    Returns the path, or None when matplotlib is not installed (a note is logged instead).
+    """
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        logger.warning("matplotlib is not installed: skipping %s (pip install 'fusion-distill[plots]')", Path(path).name)
+        return None
+    labels = [str(row["teacher_layer"]) for row in layers]
+    positions = list(range(len(layers)))
+    fig = Figure(figsize=(8, 3.2), layout="constrained")
+    cos_ax, l1_ax = fig.subplots(1, 2)
+    cos_ax.bar_label(cos_ax.bar(positions, [row["cosine"] for row in layers], color="tab:blue"), fmt="%.3f")
+    # Cosine lives in [-1, 1]; a fixed range keeps plots of different runs comparable.
+    cos_ax.set_ylim(min(0.0, *(row["cosine"] for row in layers)) - 0.05, 1.0)
+    cos_ax.set_title("cosine similarity (higher is better)")
+    l1_ax.bar_label(l1_ax.bar(positions, [row["l1"] for row in layers], color="tab:orange"), fmt="%.3f")
+    l1_ax.set_title("L1 distance (lower is better)")
+    for ax in (cos_ax, l1_ax):
+        ax.set_xticks(positions, labels)
+        ax.set_xlabel("teacher target layer")
+        ax.grid(axis="y", alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def format_similarity(section: dict[str, Any]) -> str:
+    """Markdown table of the similarity section: one row per target layer, then the mean."""
+    if "skipped" in section:
+        return f"prediction similarity: skipped ({section['skipped']})"
+    lines = [f"prediction similarity on {section['split']}: {section['utterances']} utterances, {section['frames']} valid frames",
+             "| target | teacher layer | cosine | L1 |", "|---:|---:|---:|---:|"]
+    lines += [f"| {r['target']} | {r['teacher_layer']} | {r['cosine']:.4f} | {r['l1']:.4f} |" for r in section["layers"]]
+    lines.append(f"| mean | | {section['mean_cosine']:.4f} | {section['mean_l1']:.4f} |")
+    return "\n".join(lines)
+
+
+def format_probes(section: dict[str, Any]) -> str:
+    """Markdown table of the probes: one row per model, one column per task (its metric)."""
+    if "skipped" in section:
+        return f"probes: skipped ({section['skipped']})"
+    done = {spec: task for spec, task in section["tasks"].items() if "rows" in task}
+    b = section["budget"]
+    lines = [f"probes ({b['interface']}, {b['steps']} steps, lr {b['learning_rate']:g}, seed {b['seed']}; "
+             f"{section['train_utterances']} train / {section['dev_utterances']} dev utterances)"]
+    lines += [f"{spec}: skipped ({task['skipped']})" for spec, task in section["tasks"].items() if "skipped" in task]
+    if done:
+        heads = [f"{spec} ({task['metric']}, {'lower' if task['lower_is_better'] else 'higher'} is better)"
+                 for spec, task in done.items()]
+        lines.append("| model | " + " | ".join(heads) + " |")
+        lines.append("|---|" + "---:|" * len(done))
+        models = [row["model"] for row in next(iter(done.values()))["rows"]]
+        scores = {spec: {row["model"]: row["score"] for row in task["rows"]} for spec, task in done.items()}
+        lines += ["| " + " | ".join([m] + [f"{scores[spec][m]:.4f}" for spec in done]) + " |" for m in models]
+    return "\n".join(lines)
+
+
+def format_cost(section: dict[str, Any]) -> str:
+    """Markdown cost table (distill.cost.cost_table) with ratios against the reference row."""
+    if "skipped" in section:
+        return f"cost: skipped ({section['skipped']})"
+    fields = {f.name for f in dataclasses.fields(Cost)}
+    costs = [Cost(**{k: tuple(v) if k == "latencies_ms" else v for k, v in row.items() if k in fields}) for row in section["rows"]]
+    return f"cost on {section['seconds']:g} s of audio (CPU, fp32)\n" + cost_table(costs, section["reference"])
+
+
+def format_report(result: dict[str, Any]) -> str:
+    """The three tables and where the files went, as the CLI prints them."""
+    files = result["files"]
+    parts = [format_similarity(result["similarity"]), format_probes(result["probes"]), format_cost(result["cost"]),
+             f"wrote {files['eval_json']}" + (f" and {files['plot']}" if files["plot"] else "")]
+    return "\n\n".join(parts)

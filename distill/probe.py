@@ -1,0 +1,393 @@
+"""SUPERB-style probing: a frozen encoder, a layer interface (WeightedSum / HConv) and a small head.
+
+One call probes a student, the fused teacher or one upstream under the same budget (steps, lr,
+seed, head): `run_probe(hf_encoder_extractor(model), train_batches, dev_batches, task)`.
+
+- CTC: symbols are the characters of the column's strings (an IPA string splits into code points,
+  stress/length marks included; spaces separate words). Blank is 0, vocab[i] is i + 1. Head
+  "linear": Linear + ReLU + Linear per frame (SUPERB's phoneme probe: the features must carry the
+  symbols; fast); "lstm": a 1-layer BiLSTM in between (SUPERB-ASR-style context; slower on CPUs).
+  Greedy decoding; "cer" = total edit distance / total reference symbols (lower is better).
+- Classification: mean over valid frames, Linear; "accuracy".
+
+Cost: the extractor is frozen, so every utterance is extracted ONCE and its valid frames are cached
+in CPU memory (L x T x D values each, `cache_dtype`). A trainable step between the frozen features
+and the interface (the fused teacher's projection) is a `transform` run on the cache every step
+(`feature_grad=True`, its parameters in `extra_parameters`): upstream forwards still run once.
+Labels: column `c` is read from `batch[c + "s"]` (make_eval_batches' "texts"/"labels") or `batch[c]`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from students import normalize_waveforms
+from teachers import FusedTeacher, HConv, WeightedSum, frame_mask
+
+__all__ = ["ProbeTask", "ProbeResult", "Extractor", "run_probe", "hf_encoder_extractor", "teacher_extractor",
+           "edit_distance", "error_rate"]
+
+logger = logging.getLogger(__name__)
+
+# (waveforms (B, S) zero-padded, sample lengths (B,)) -> (features (L, B, T, D), frame lengths (B,))
+Extractor = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+Transform = Callable[[torch.Tensor], torch.Tensor]  # (L, B, T, D) -> (L, B, T, D')
+_KINDS, _HEADS = ("ctc", "classification"), ("linear", "lstm")
+_MAX_GRAD_NORM = 5.0  # CTC has rare loss spikes early on; clipping keeps short budgets stable
+
+
+@dataclass
+class ProbeTask:
+    """What to predict: `kind` "ctc" | "classification" from dataset `column`; `vocab`: the CTC
+    symbols (blank is index 0 and not listed) or the class names."""
+
+    kind: str
+    column: str
+    vocab: list[str]
+
+    def __post_init__(self) -> None:
+        if self.kind not in _KINDS:
+            raise ValueError(f"ProbeTask: kind={self.kind!r}, expected one of {', '.join(_KINDS)}")
+        if not self.vocab:
+            raise ValueError(f"ProbeTask: empty vocabulary for column {self.column!r}")
+        self._index = {symbol: i for i, symbol in enumerate(self.vocab)}
+
+    @classmethod
+    def from_dataset(cls, dataset: Any, kind: str, column: str) -> "ProbeTask":
+        """Vocabulary from the training split: sorted characters (ctc) or sorted labels (as str)."""
+        columns = dataset.column_names
+        if columns is None:  # a streamed dataset with unknown features: its first row names them
+            columns = list(next(iter(dataset)).keys())
+        if column not in columns:
+            raise ValueError(f"ProbeTask: no column {column!r} in the dataset; columns: {', '.join(columns)}")
+        values = [row[column] for row in dataset.select_columns([column])]  # skips reading the audio
+        if kind == "ctc":
+            return cls(kind, column, sorted({ch for v in values if v is not None for ch in str(v)}))
+        return cls(kind, column, sorted({str(v) for v in values if v is not None}))
+
+    def encode(self, value: Any) -> list[int]:
+        """CTC: symbol ids (1-based; characters outside the vocab dropped). Classification: [class] or [-1]."""
+        if self.kind == "ctc":
+            return [self._index[ch] + 1 for ch in str(value) if ch in self._index]
+        return [self._index.get(str(value), -1)]
+
+    def labels_of(self, batch: Mapping[str, Any]) -> list[Any]:
+        for key in (self.column + "s", self.column):
+            if key in batch:
+                return list(batch[key])
+        raise KeyError(f"ProbeTask: batch has no {self.column!r} labels; keys: {', '.join(batch)}")
+
+
+@dataclass
+class ProbeResult:
+    """Dev `score` ("cer" or "accuracy"), mean loss of the last tenth of the steps, utterances used."""
+
+    metric: str
+    score: float
+    train_loss: float
+    steps: int
+    num_train: int
+    num_dev: int
+
+    @property
+    def lower_is_better(self) -> bool:
+        return self.metric == "cer"
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "lower_is_better": self.lower_is_better}
+
+
+# --------------------------------------------------------------------------- extractors
+
+
+def hf_encoder_extractor(model: nn.Module, normalize: Optional[bool] = None) -> Extractor:
+    """All hidden states (L + 1, B, T, D) of a stock HF wav2vec-family encoder (AutoModel).
+
+    Items run one by one, unpadded: group-norm front-ends change under zero padding even with an
+    attention mask. normalize: zero-mean/unit-variance per utterance as
+    Wav2Vec2FeatureExtractor does; None follows `do_normalize` of the preprocessor_config.json in
+    the folder the model was loaded from, else `feat_extract_norm == "layer"`. The model runs in
+    eval mode; its mode is restored afterwards.
+    """
+    wants_norm = _default_normalize(model) if normalize is None else bool(normalize)
+
+    def extract(waveforms: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if wants_norm:
+            waveforms = normalize_waveforms(waveforms, lengths)[0]
+        states = _run_unpadded(model, [waveforms[b, : int(n)] for b, n in enumerate(lengths.tolist())])
+        frames = torch.tensor([s.shape[1] for s in states], dtype=torch.long)
+        out = states[0].new_zeros(states[0].shape[0], len(states), int(frames.max()), states[0].shape[-1])
+        for b, s in enumerate(states):
+            out[:, b, : s.shape[1]] = s
+        return out, frames
+
+    return extract
+
+
+def teacher_extractor(teacher: FusedTeacher, project: bool = True) -> Extractor:
+    """The fused teacher's per-layer features: Z = `teacher.project(features)` (L, B, T, D_f) (the
+    fitted projection, or the concatenation / average by target mode), or with `project=False` the
+    aligned, normalised concatenation (L, B, T, sum D_i), to fit the projection as a `transform`."""
+    if project and not teacher.fitted:
+        raise ValueError("teacher_extractor: the teacher's projection is not fitted; fit it or use project=False")
+
+    def extract(waveforms: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            features, frames = teacher.features(waveforms, lengths=lengths)
+            return (teacher.project(features) if project else features), frames
+
+    return extract
+
+
+def _run_unpadded(model: nn.Module, waves: list[torch.Tensor]) -> list[torch.Tensor]:
+    param, was_training = next(model.parameters()), model.training
+    model.eval()  # dropout, layerdrop and SpecAugment would make the features random
+    try:
+        with torch.no_grad():
+            outputs = (model(w[None].to(param.device, param.dtype), output_hidden_states=True) for w in waves)
+            return [torch.stack(out.hidden_states)[:, 0].float() for out in outputs]
+    finally:
+        model.train(was_training)
+
+
+def _default_normalize(model: nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    preprocessor = Path(str(getattr(config, "_name_or_path", "") or "")) / "preprocessor_config.json"
+    if preprocessor.is_file():
+        return bool(json.loads(preprocessor.read_text()).get("do_normalize", False))
+    # Data2VecAudio has no feat_extract_norm: its conv front-end is always layer-normed.
+    return getattr(config, "feat_extract_norm", "layer") == "layer"
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def edit_distance(reference: Sequence[Any], hypothesis: Sequence[Any]) -> int:
+    """Levenshtein distance; substitutions, insertions and deletions all cost 1."""
+    previous = list(range(len(hypothesis) + 1))
+    for i, ref in enumerate(reference, 1):
+        current = [i]
+        for j, hyp in enumerate(hypothesis, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ref != hyp)))
+        previous = current
+    return previous[-1]
+
+
+def error_rate(references: Sequence[Sequence[Any]], hypotheses: Sequence[Sequence[Any]]) -> float:
+    """Corpus error rate: total edit distance / total reference length (CER on characters)."""
+    if len(references) != len(hypotheses):
+        raise ValueError(f"error_rate: {len(references)} references vs {len(hypotheses)} hypotheses")
+    errors, total = sum(edit_distance(r, h) for r, h in zip(references, hypotheses)), sum(map(len, references))
+    return errors / total if total else float(errors > 0)
+
+
+# --------------------------------------------------------------------------- heads
+
+
+class _CTCHead(nn.Module):
+    def __init__(self, in_dim: int, hidden: int, num_symbols: int, recurrent: bool):
+        super().__init__()
+        self.inner = nn.Linear(in_dim, hidden)
+        self.lstm = nn.LSTM(hidden, hidden // 2, batch_first=True, bidirectional=True) if recurrent else None
+        self.out = nn.Linear(2 * (hidden // 2) if recurrent else hidden, num_symbols + 1)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        hidden = torch.relu(self.inner(x))
+        if self.lstm is not None:  # packed: padded frames never enter the recurrence
+            packed = nn.utils.rnn.pack_padded_sequence(hidden, lengths.cpu(), batch_first=True, enforce_sorted=False)
+            hidden, _ = nn.utils.rnn.pad_packed_sequence(self.lstm(packed)[0], batch_first=True,
+                                                         total_length=x.shape[1])
+        return self.out(hidden)
+
+
+class _PoolHead(nn.Module):
+    def __init__(self, in_dim: int, num_classes: int):
+        super().__init__()
+        self.out = nn.Linear(in_dim, num_classes)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        mask = frame_mask(lengths, x.shape[1], x.device)[:, :, None].to(x.dtype)
+        return self.out((x * mask).sum(dim=1) / lengths.to(x.device, x.dtype).clamp(min=1)[:, None])
+
+
+# --------------------------------------------------------------------------- the probe
+
+
+@dataclass
+class _Item:
+    features: torch.Tensor  # (L, T, D) valid frames, on the CPU
+    target: list[int]  # CTC symbol ids, or [class]
+    reference: Any  # what the prediction is scored against: all characters, or the class
+
+
+def run_probe(
+    extract: Extractor,
+    train_batches: Iterable[Mapping[str, Any]],
+    dev_batches: Iterable[Mapping[str, Any]],
+    task: ProbeTask,
+    interface: Union[str, nn.Module] = "weighted_sum",
+    steps: int = 200,
+    learning_rate: float = 1e-3,
+    seed: int = 0,
+    extra_parameters: Iterable[nn.Parameter] = (),
+    feature_grad: bool = False,
+    *,
+    transform: Optional[Transform] = None,
+    batch_size: int = 8,
+    head: str = "linear",
+    head_dim: int = 128,
+    device: Union[str, torch.device, None] = None,
+    cache_dtype: torch.dtype = torch.float32,
+) -> ProbeResult:
+    """Train interface + head (Adam) on cached frozen features of `train_batches`; score `dev_batches`.
+
+    interface: "weighted_sum" | "hconv" builds a fresh one for the feature shape; a module is
+    trained in place (e.g. a teacher's interface). transform: (L, B, T, D) -> (L, B, T, D') between
+    cache and interface; with `feature_grad=True` it runs every step with gradients (put its
+    parameters in `extra_parameters`), else once, before caching. Training draws `batch_size`
+    utterances per step in a seeded order; `device` (default: where the extractor returns
+    features) runs interface and head. head: "linear" | "lstm" (CTC only). Deterministic on CPU.
+    """
+    if steps < 1 or batch_size < 1 or head not in _HEADS:
+        raise ValueError(f"run_probe: steps={steps}, batch_size={batch_size} (both >= 1), head={head!r} (linear|lstm)")
+    if feature_grad and transform is None:
+        raise ValueError("run_probe: feature_grad=True trains through `transform`; the extractor itself stays frozen")
+    step_transform = transform if feature_grad else None
+    train, device = _cache(extract, train_batches, task, None if feature_grad else transform, cache_dtype, device, True)
+    dev, _ = _cache(extract, dev_batches, task, None if feature_grad else transform, cache_dtype, device, False)
+    if not train or not dev:
+        raise ValueError(f"run_probe: {len(train)} training and {len(dev)} dev utterances; need both")
+    with torch.random.fork_rng(devices=[]):  # seeded init that leaves the caller's RNG alone
+        torch.manual_seed(seed)
+        modules = _build_modules(interface, train[0], task, step_transform, head == "lstm", head_dim, device)
+    losses = _train(train, task, modules, step_transform, extra_parameters, steps, learning_rate, seed, batch_size,
+                    device)
+    score = _evaluate(dev, task, modules, step_transform, batch_size, device)
+    tail = losses[-max(1, steps // 10):]
+    metric = "cer" if task.kind == "ctc" else "accuracy"
+    return ProbeResult(metric, score, sum(tail) / len(tail), steps, len(train), len(dev))
+
+
+def _train(train: list[_Item], task: ProbeTask, modules: tuple[nn.Module, nn.Module], transform: Optional[Transform],
+           extra_parameters: Iterable[nn.Parameter], steps: int, learning_rate: float, seed: int, batch_size: int,
+           device: torch.device) -> list[float]:
+    unique = {id(p): p for p in [*modules[0].parameters(), *modules[1].parameters(), *extra_parameters]}
+    params = [p for p in unique.values() if p.requires_grad]
+    optimizer, losses = torch.optim.Adam(params, lr=learning_rate), []
+    for module in modules:
+        module.train()
+    for step, indices in enumerate(_batch_order(len(train), batch_size, steps, seed), 1):
+        items = [train[i] for i in indices]
+        loss = _loss(*_forward(items, modules, transform, device), items, task)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, _MAX_GRAD_NORM)
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        if step % max(1, steps // 10) == 0:
+            logger.info("probe %s step %d/%d loss %.4f", task.kind, step, steps, losses[-1])
+    optimizer.zero_grad(set_to_none=True)  # no stale gradients left on a caller's modules
+    return losses
+
+
+def _cache(extract: Extractor, batches: Iterable[Mapping[str, Any]], task: ProbeTask, transform: Optional[Transform],
+           dtype: torch.dtype, device: Any, training: bool) -> tuple[list[_Item], torch.device]:
+    items: list[_Item] = []
+    for batch in batches:
+        if len(batch["lengths"]) == 0:
+            continue
+        labels = task.labels_of(batch)
+        with torch.no_grad():
+            features, frames = extract(batch["waveforms"], batch["lengths"])
+            features = transform(features) if transform is not None else features
+        device = features.device if device is None else device
+        for b, (label, n) in enumerate(zip(labels, frames.tolist())):
+            target = task.encode(label)
+            if training and task.kind == "classification" and target[0] < 0:
+                continue  # a class outside the vocabulary cannot be trained on
+            reference = list(str(label)) if task.kind == "ctc" else target[0]
+            items.append(_Item(features[:, b, :n].to("cpu", dtype).clone(), target, reference))
+    return items, torch.device("cpu") if device is None else torch.device(device)
+
+
+def _build_modules(interface: Union[str, nn.Module], sample: _Item, task: ProbeTask, transform: Optional[Transform],
+                   recurrent: bool, head_dim: int, device: torch.device) -> tuple[nn.Module, nn.Module]:
+    features = sample.features[:, None].float().to(device)  # (L, 1, T, D)
+    with torch.no_grad():
+        features = transform(features) if transform is not None else features
+    if isinstance(interface, nn.Module):
+        iface = interface
+    elif interface in ("weighted_sum", "hconv"):
+        build = WeightedSum if interface == "weighted_sum" else HConv
+        iface = build(features.shape[0], features.shape[-1]).to(device)
+    else:
+        raise ValueError(f"run_probe: interface={interface!r}, expected weighted_sum, hconv or an nn.Module")
+    with torch.no_grad():  # any interface's output width, read off one forward
+        out_dim = iface(features).shape[-1]
+    if task.kind == "ctc":
+        return iface, _CTCHead(out_dim, head_dim, len(task.vocab), recurrent).to(device)
+    return iface, _PoolHead(out_dim, len(task.vocab)).to(device)
+
+
+def _forward(items: Sequence[_Item], modules: tuple[nn.Module, nn.Module], transform: Optional[Transform],
+             device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.tensor([it.features.shape[1] for it in items], dtype=torch.long)
+    first = items[0].features
+    features = first.new_zeros(first.shape[0], len(items), int(lengths.max()), first.shape[-1])
+    for b, it in enumerate(items):
+        features[:, b, : it.features.shape[1]] = it.features
+    features, lengths = features.to(device, torch.float32), lengths.to(device)
+    if transform is not None:  # re-zero padded frames: a projection bias would fill them
+        features = transform(features) * frame_mask(lengths, features.shape[2])[None, :, :, None]
+    iface, head = modules
+    return head(iface(features), lengths), lengths
+
+
+def _loss(logits: torch.Tensor, lengths: torch.Tensor, items: Sequence[_Item], task: ProbeTask) -> torch.Tensor:
+    if task.kind == "classification":
+        return F.cross_entropy(logits, torch.tensor([it.target[0] for it in items], device=logits.device))
+    targets = torch.tensor([i for it in items for i in it.target], dtype=torch.long, device=logits.device)
+    target_lengths = torch.tensor([len(it.target) for it in items], dtype=torch.long)
+    log_probs = logits.float().log_softmax(-1).transpose(0, 1)  # (T, B, V + 1)
+    # zero_infinity: an utterance with more symbols than frames adds nothing instead of inf.
+    return F.ctc_loss(log_probs, targets, lengths.cpu(), target_lengths, blank=0, zero_infinity=True)
+
+
+def _batch_order(num_items: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
+    """Seeded epochs of shuffled utterance indices, cut into `steps` batches."""
+    generator, size, stream = torch.Generator().manual_seed(seed), min(batch_size, num_items), []
+    while len(stream) < steps * size:
+        stream.extend(torch.randperm(num_items, generator=generator).tolist())
+    return [stream[i * size: (i + 1) * size] for i in range(steps)]
+
+
+def _evaluate(dev: list[_Item], task: ProbeTask, modules: tuple[nn.Module, nn.Module], transform: Optional[Transform],
+              batch_size: int, device: torch.device) -> float:
+    for module in modules:
+        module.eval()
+    predictions: list[Any] = []
+    with torch.no_grad():
+        for start in range(0, len(dev), batch_size):
+            logits, lengths = _forward(dev[start: start + batch_size], modules, transform, device)
+            predictions.extend(_decode(logits, lengths, task))
+    if task.kind == "ctc":
+        return error_rate([it.reference for it in dev], predictions)
+    return sum(int(p == it.reference) for p, it in zip(predictions, dev)) / len(dev)
+
+
+def _decode(logits: torch.Tensor, lengths: torch.Tensor, task: ProbeTask) -> list[Any]:
+    if task.kind == "classification":
+        return logits.argmax(-1).tolist()
+    best, decoded = logits.argmax(-1).cpu(), []
+    for b, n in enumerate(lengths.tolist()):
+        ids = torch.unique_consecutive(best[b, :n]).tolist()  # greedy CTC: merge repeats, drop blanks
+        decoded.append([task.vocab[i - 1] for i in ids if i != 0])
+    return decoded

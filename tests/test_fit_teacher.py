@@ -1,0 +1,99 @@
+"""Supervised teacher fitting on the demo corpus with tiny upstreams: table, saved teacher, reuse."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_wave
+
+from distill.build import build_teacher
+from distill.config import load_recipe
+from distill.fit_teacher import REPORT_NAME, fit_teacher
+from teachers import FusedTeacher
+
+STEPS = 8
+DEMO = Path(__file__).resolve().parents[1] / "data" / "demo"
+
+
+def _recipe(dirs, *extra):
+    upstreams = f"teacher.upstreams=[{dirs['wavlm']},{dirs['hubert']}]"
+    overrides = [upstreams, "teacher.projection_dim=16", "teacher.target_layers=[1,2]", f"data.dataset_name={DEMO}"]
+    return load_recipe("demo", [*overrides, *extra])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny upstreams: a second intra-op thread only adds synchronisation; on a shared 2-core
+    # machine it made a fit 30x slower (0.2 s vs 6 s).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def fitted(one_thread, tiny_upstream_dirs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fit") / "teacher"
+    cfg = _recipe(tiny_upstream_dirs)
+    report = fit_teacher(cfg, out, "ctc", column="phonemes", steps=STEPS, max_items=4, batch_size=4)
+    return cfg, out, report
+
+
+def test_fit_reports_fused_and_each_upstream(fitted):
+    _, out, report = fitted
+    lines = report["table"].splitlines()
+    assert lines[0].split() == ["model", "dev", "cer", "train", "loss"]
+    assert [line.split()[0] for line in lines[1:4]] == ["fused", "wavlm", "hubert"]
+    assert lines[1].startswith("fused (2 upstreams)") and "4 train / 4 dev" in lines[-1]
+    saved = json.loads((out / REPORT_NAME).read_text())
+    assert [r["name"] for r in saved["results"]] == ["fused (2 upstreams)", "wavlm", "hubert"]
+    assert all(r["metric"] == "cer" and r["lower_is_better"] and r["steps"] == STEPS for r in saved["results"])
+    assert all(0.0 <= r["score"] and r["num_train"] == 4 for r in saved["results"])
+    assert saved["task"]["column"] == "phonemes" and {" ", "ˈ", "ð"} <= set(saved["task"]["vocab"])
+    assert saved["config_hash"] == FusedTeacher.from_pretrained(out).config_hash()
+
+
+def test_saved_teacher_is_fitted_and_trained(fitted):
+    cfg, out, _ = fitted
+    loaded = FusedTeacher.from_pretrained(out)
+    fresh = FusedTeacher.from_config(dataclasses.asdict(cfg.teacher))
+    assert loaded.fitted and loaded.projection_fit == "supervised" and not fresh.fitted
+    assert not torch.allclose(loaded.projection.weight, fresh.projection.weight)
+    assert any(not torch.equal(a, b) for a, b in zip(loaded.interface.parameters(), fresh.interface.parameters()))
+
+
+def test_recipe_with_supervised_projection_uses_the_fit(fitted, tiny_upstream_dirs, monkeypatch):
+    _, out, _ = fitted
+    cfg = _recipe(tiny_upstream_dirs, "teacher.projection_fit=supervised", f"teacher.pretrained={out}")
+
+    def no_refit(*args, **kwargs):
+        raise AssertionError("a supervised teacher must not be refitted")
+
+    monkeypatch.setattr(FusedTeacher, "fit_pca", no_refit)
+    teacher = build_teacher(cfg)
+    torch.testing.assert_close(teacher.projection.weight, FusedTeacher.from_pretrained(out).projection.weight)
+    targets = teacher.targets([make_wave(1.0, 0)])
+    assert targets.layers.shape == (2, 1, 49, 16) and torch.isfinite(targets.layers).all()
+
+
+def test_classification_fit_without_comparison(tiny_upstream_dirs, tmp_path):
+    cfg = _recipe(tiny_upstream_dirs)
+    report = fit_teacher(cfg, tmp_path, "classification", steps=2, compare_single=False, max_items=2, batch_size=2)
+    assert [r["name"] for r in report["results"]] == ["fused (2 upstreams)"]
+    assert report["results"][0]["metric"] == "accuracy" and report["task"]["column"] == "label"
+    assert FusedTeacher.from_pretrained(tmp_path).fitted
+
+
+def test_fit_errors(tiny_upstream_dirs, tmp_path):
+    cfg = _recipe(tiny_upstream_dirs)
+    with pytest.raises(ValueError, match="has no column 'speaker'"):
+        fit_teacher(cfg, tmp_path, "classification", column="speaker", steps=1, max_items=2)
+    with pytest.raises(ValueError, match="task_kind='asr'"):
+        fit_teacher(cfg, tmp_path, "asr")
+    no_dev = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval_split_name=None))
+    with pytest.raises(ValueError, match="eval_split_name"):
+        fit_teacher(no_dev, tmp_path)
