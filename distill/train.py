@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterable, Iterator
 
+import datasets
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration, send_to_device, set_seed
+from datasets.distributed import split_dataset_by_node
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -86,6 +89,9 @@ def train(cfg: RecipeConfig, resume_from: str | None = None) -> Path:
 
     # --- build: data, teacher (fitted once, saved with the run), student ---
     train_set = load_audio_dataset(cfg.data, cfg.data.train_split_name)
+    streaming = isinstance(train_set, datasets.IterableDataset)
+    if streaming:  # each rank streams its own part; Accelerate cannot dispatch string ids
+        train_set = split_dataset_by_node(train_set, rank=accelerator.process_index, world_size=accelerator.num_processes)
     if cfg.data.targets_cache:  # targets precomputed by `cache-targets`: no teacher forward
         with accelerator.main_process_first():  # rank 0 hashes every shard; the others open after it
             cache = TargetCache.open(cfg.data.targets_cache, layer_ids=cfg.teacher.target_layers, verify=accelerator.is_main_process)
@@ -112,7 +118,10 @@ def train(cfg: RecipeConfig, resume_from: str | None = None) -> Path:
         num_training_steps=t.max_steps * accelerator.num_processes,
     )
     loader = make_train_dataloader(train_set, cfg.data, t.per_device_train_batch_size, t.seed, min_samples=min_samples)
-    student, optimizer, loader, scheduler = accelerator.prepare(student, optimizer, loader, scheduler)
+    if streaming:
+        student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
+    else:
+        student, optimizer, loader, scheduler = accelerator.prepare(student, optimizer, loader, scheduler)
     state = TrainState()
     accelerator.register_for_checkpointing(state)
 
@@ -136,8 +145,10 @@ def train(cfg: RecipeConfig, resume_from: str | None = None) -> Path:
     # --- loop ---
     student.train()
     while state.step < t.max_steps:
-        loader.set_epoch(state.epoch)
+        (loader if hasattr(loader, "set_epoch") else loader.dataset).set_epoch(state.epoch)
         batches = accelerator.skip_first_batches(loader, state.batches_in_epoch) if state.batches_in_epoch else loader
+        if streaming:
+            batches = _stream_on_device(accelerator, batches)
         for batch in batches:
             state.batches_in_epoch += 1
             skipped.add(batch["skipped"])
@@ -189,6 +200,21 @@ def train(cfg: RecipeConfig, resume_from: str | None = None) -> Path:
         accelerator.print(f"student exported to {export_dir}")
     accelerator.end_training()
     return export_dir
+
+
+def _stream_on_device(accelerator: Accelerator, batches: Iterable[dict]) -> Iterator[dict]:
+    """Batches of a per-rank stream, moved to the device, ending on every rank together.
+
+    Split streams can run out a batch apart; a rank that went on alone would wait forever in
+    the gradient all-reduce, so each step the ranks agree (one tiny all-reduce) to go on.
+    """
+    iterator = iter(batches)
+    while True:
+        batch = next(iterator, None)
+        ended = torch.tensor(float(batch is None), device=accelerator.device)
+        if accelerator.reduce(ended, reduction="sum").item() > 0:
+            return
+        yield send_to_device(batch, accelerator.device)
 
 
 def _log(accelerator: Accelerator, state: TrainState, loss, parts: dict, scheduler, speed: float, out: Path) -> None:

@@ -114,12 +114,13 @@ def test_bad_recipe_override_is_a_one_line_error(tmp_path):
     assert lines == [lines[0]] and "training.max_stepz" in lines[0]
 
 
-def test_two_cpu_processes_end_with_identical_weights(tmp_path):
+@pytest.mark.parametrize("streaming", [False, True], ids=["map-style", "streaming"])
+def test_two_cpu_processes_end_with_identical_weights(tmp_path, streaming):
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
     result = subprocess.run(
         [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
          "--dynamo_backend", "no", "-m", "distill", "train", "demo", "--output-dir", str(tmp_path / "run"),
-         "training.max_steps=4", *FAST],
+         "training.max_steps=6", f"data.streaming={str(streaming).lower()}", *FAST],
         cwd=REPO, env={**_env(), "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True, timeout=400,
     )
     assert result.returncode == 0, result.stderr[-3000:]
