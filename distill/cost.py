@@ -202,11 +202,11 @@ def whisper_encoder_job(name: str, model: nn.Module, wave: torch.Tensor, include
 
     get_encoder = getattr(model, "get_encoder", None)  # WhisperModel & co. cost only their encoder
     encoder = get_encoder() if callable(get_encoder) else model
-    config = encoder.config
-    window = 2 * config.max_source_positions * 160  # samples; the encoder refuses any other mel length
+    extractor = WhisperFeatureExtractor(feature_size=encoder.config.num_mel_bins)
+    # Samples in one window: the encoder refuses any mel length but 2 * max_source_positions.
+    window = 2 * encoder.config.max_source_positions * extractor.hop_length
     if wave.dim() != 1 or wave.numel() > window:
         raise ValueError(f"whisper_encoder_job: expected one 1-D waveform of <= {window} samples, got {tuple(wave.shape)}")
-    extractor = WhisperFeatureExtractor(feature_size=config.num_mel_bins)
     dtype = next(encoder.parameters()).dtype
 
     def log_mel() -> torch.Tensor:

@@ -43,7 +43,9 @@ def _weights(run: Path, step: int) -> dict[str, torch.Tensor]:
 
 def test_train_then_export_gives_a_stock_hf_folder(tmp_path):
     run = tmp_path / "run"
-    result = _cli("train", "demo", "--output-dir", str(run), "training.max_steps=4", "training.save_steps=2", *FAST)
+    result = _cli(
+        "train", "demo", "--output-dir", str(run), "training.max_steps=4", "training.save_steps=2", *FAST, "training.report_to=tensorboard"
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "processes=1 device=cpu mixed_precision=no effective_batch_size=4" in result.stdout
     assert "AutoModel.from_pretrained" in result.stdout
@@ -53,6 +55,7 @@ def test_train_then_export_gives_a_stock_hf_folder(tmp_path):
     assert [r["step"] for r in log] == [1, 2, 3, 4]
     assert all(torch.isfinite(torch.tensor(r["loss"])) and r["loss"] > 0 for r in log)
     assert {"l1/0", "cos/2", "loss/1"} <= set(log[-1])
+    assert list((run / "logs").rglob("events.out.tfevents.*")), "no TensorBoard event file"
 
     out = tmp_path / "exported"
     console = shutil.which("fusion-distill", path=str(Path(sys.executable).parent))
