@@ -293,7 +293,7 @@ def _train(train: list[_Item], task: ProbeTask, modules: tuple[nn.Module, nn.Mod
         optimizer.step()
         losses.append(float(loss.detach()))
         if step % max(1, steps // 10) == 0:
-            logger.info("probe %s step %d/%d loss %.4f", task.kind, step, steps, losses[-1])
+            logger.debug("probe %s step %d/%d loss %.4f", task.kind, step, steps, losses[-1])
     optimizer.zero_grad(set_to_none=True)  # no stale gradients left on a caller's modules
     return losses
 

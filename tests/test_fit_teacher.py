@@ -25,18 +25,10 @@ def _recipe(dirs, *extra):
     return load_recipe("demo", [*overrides, *extra])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny upstreams: a second intra-op thread only adds synchronisation; on a shared 2-core
-    # machine it made a fit 30x slower (0.2 s vs 6 s).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
-def fitted(one_thread, tiny_upstream_dirs, tmp_path_factory):
+def fitted(tiny_upstream_dirs, tmp_path_factory):
     out = tmp_path_factory.mktemp("fit") / "teacher"
     cfg = _recipe(tiny_upstream_dirs)
     report = fit_teacher(cfg, out, "ctc", column="phonemes", steps=STEPS, max_items=4, batch_size=4)

@@ -20,15 +20,6 @@ HOP = 100  # synthetic extractors: one frame per 100 samples
 DEMO = Path(__file__).resolve().parents[1] / "data" / "demo"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These models and heads are tiny: a second intra-op thread only adds synchronisation, and on a
-    # shared 2-core machine it made them 10-50x slower (fit_teacher 0.2 s vs 6 s, the LSTM probe
-    # 0.7 s vs 46 s).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------- metrics
