@@ -17,6 +17,7 @@ from students import DistillStudent, PredictionHeads, build_student, build_stude
 from teachers import FusedTeacher, load_upstream
 
 from .config import RecipeConfig
+from .audio import RECEPTIVE_FIELD
 from .data import BadAudio, decode_audio
 
 __all__ = ["build_teacher", "build_distill_student", "pca_waveforms"]
@@ -43,14 +44,19 @@ def build_teacher(cfg: RecipeConfig, train_set=None, save_dir: str | Path | None
         if tcfg.projection_fit == "pca" and teacher.projection is not None:
             if train_set is None:
                 raise ValueError("teacher.projection_fit=pca needs training audio to fit the projection")
-            teacher.fit_pca(pca_waveforms(train_set, tcfg.pca_max_utterances, cfg.data.sampling_rate))
+            # A seeded shuffle: corpora are often ordered by speaker, so the first N are few voices.
+            sample = train_set.shuffle(seed=cfg.training.seed)
+            min_samples = max(RECEPTIVE_FIELD, *(u.min_samples for u in teacher.upstreams))
+            teacher.fit_pca(pca_waveforms(sample, tcfg.pca_max_utterances, cfg.data.sampling_rate, min_samples))
     if save_dir is not None:
         teacher.save_pretrained(save_dir)
     return teacher
 
 
-def pca_waveforms(dataset, max_utterances: int, sampling_rate: int = 16000) -> Iterator[torch.Tensor]:
-    """Decoded training utterances for the label-free PCA fit; unreadable files are skipped."""
+def pca_waveforms(
+    dataset, max_utterances: int, sampling_rate: int = 16000, min_samples: int = RECEPTIVE_FIELD
+) -> Iterator[torch.Tensor]:
+    """Decoded training utterances for the label-free PCA fit; unreadable or too short ones are skipped."""
     used = 0
     for example in dataset:
         if used >= max_utterances:
@@ -59,6 +65,9 @@ def pca_waveforms(dataset, max_utterances: int, sampling_rate: int = 16000) -> I
             audio = decode_audio(example["audio"], sampling_rate)
         except BadAudio as err:
             logger.warning("PCA fit: skipping %s: %s", example.get("id", "?"), err)
+            continue
+        if len(audio) < min_samples:
+            logger.warning("PCA fit: skipping %s: %d samples, shorter than %d", example.get("id", "?"), len(audio), min_samples)
             continue
         used += 1
         yield torch.from_numpy(audio)
