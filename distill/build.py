@@ -14,40 +14,41 @@ from typing import Iterator
 import torch
 
 from students import DistillStudent, PredictionHeads, build_student, build_student_config, init_from_upstream
-from teachers import FusedTeacher, load_upstream
+from teachers import CONFIG_NAME, FusedTeacher, load_upstream
 
 from .config import RecipeConfig
 from .audio import RECEPTIVE_FIELD
 from .data import BadAudio, decode_audio
 
-__all__ = ["build_teacher", "build_distill_student", "pca_waveforms"]
+__all__ = ["build_teacher", "build_distill_student", "student_config", "pca_waveforms"]
 
 logger = logging.getLogger(__name__)
-TEACHER_FILE = "fused_teacher.json"
 
 
-def build_teacher(cfg: RecipeConfig, train_set=None, save_dir: str | Path | None = None) -> FusedTeacher:
-    """The recipe's fused teacher, ready to produce targets.
+def build_teacher(
+    cfg: RecipeConfig, train_set=None, save_dir: str | Path | None = None, device: str | torch.device | None = None
+) -> FusedTeacher:
+    """The recipe's fused teacher on `device`, ready to produce targets.
 
     A teacher already saved in `save_dir` is reused (resume, multi-process ranks, later stages),
     so the PCA projection is fitted once per run. `projection_fit: supervised` loads the folder
-    written by `fit-teacher`; `pca` fits on up to `pca_max_utterances` training utterances.
+    written by `fit-teacher`; `pca` fits on up to `pca_max_utterances` training utterances, on
+    `device` (thousands of utterances through 2-3 base-size upstreams take hours on a CPU).
     """
-    if save_dir is not None and (Path(save_dir) / TEACHER_FILE).exists():
+    if save_dir is not None and (Path(save_dir) / CONFIG_NAME).exists():
         logger.info("reusing the fused teacher saved in %s", save_dir)
-        return FusedTeacher.from_pretrained(save_dir)
+        return FusedTeacher.from_pretrained(save_dir).to(device or "cpu")
     tcfg = cfg.teacher
     if tcfg.projection_fit == "supervised":
-        teacher = FusedTeacher.from_pretrained(tcfg.pretrained)
+        teacher = FusedTeacher.from_pretrained(tcfg.pretrained).to(device or "cpu")
     else:
-        teacher = FusedTeacher.from_config(asdict(tcfg))
+        teacher = FusedTeacher.from_config(asdict(tcfg)).to(device or "cpu")
         if tcfg.projection_fit == "pca" and teacher.projection is not None:
             if train_set is None:
                 raise ValueError("teacher.projection_fit=pca needs training audio to fit the projection")
             # A seeded shuffle: corpora are often ordered by speaker, so the first N are few voices.
             sample = train_set.shuffle(seed=cfg.training.seed)
-            min_samples = max(RECEPTIVE_FIELD, *(u.min_samples for u in teacher.upstreams))
-            teacher.fit_pca(pca_waveforms(sample, tcfg.pca_max_utterances, cfg.data.sampling_rate, min_samples))
+            teacher.fit_pca(pca_waveforms(sample, tcfg.pca_max_utterances, cfg.data.sampling_rate, teacher.min_samples))
     if save_dir is not None:
         teacher.save_pretrained(save_dir)
     return teacher
@@ -89,11 +90,7 @@ def build_distill_student(
     if teacher is not None:
         target_dim, num_targets = teacher.target_dim, len(teacher.target_layer_ids)
     s = cfg.student
-    overrides = {
-        key: getattr(s, key)
-        for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "conv_dim", "feat_extract_norm")
-    }
-    config = build_student_config(s.arch, s.preset, **overrides)
+    config = student_config(cfg)
     encoder = build_student(config)
     if s.init_from_upstream is not None:
         if teacher is not None:
@@ -110,3 +107,13 @@ def build_distill_student(
         student_layers=s.student_layers,
     )
     return DistillStudent(encoder, heads)
+
+
+def student_config(cfg: RecipeConfig):
+    """The stock HF config of the recipe's student encoder (preset + architecture overrides)."""
+    s = cfg.student
+    overrides = {
+        key: getattr(s, key)
+        for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "conv_dim", "feat_extract_norm")
+    }
+    return build_student_config(s.arch, s.preset, **overrides)

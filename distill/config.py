@@ -7,7 +7,7 @@ Command-line overrides are dotted `section.key=value` pairs, type-checked the sa
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -24,7 +24,6 @@ __all__ = [
     "TrainingConfig",
     "RecipeConfig",
     "load_recipe",
-    "recipe_to_dict",
     "resolve_recipe_path",
 ]
 
@@ -158,10 +157,6 @@ def load_recipe(recipe: str | Path, overrides: list[str] | tuple[str, ...] = ())
     cfg: RecipeConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     _check_choices(cfg, path)
     return cfg
-
-
-def recipe_to_dict(cfg: RecipeConfig) -> dict:
-    return asdict(cfg)
 
 
 _CHOICES = {

@@ -12,8 +12,9 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from students import build_student, build_student_config, export_student, push_to_hub
+from students import build_student, export_student, push_to_hub
 
+from .build import student_config
 from .checkpoint import find_checkpoint
 from .config import load_recipe
 
@@ -39,18 +40,7 @@ def _encoder_from_checkpoint(cfg, run_dir: Path):
     checkpoint = find_checkpoint(run_dir, "latest")
     weights = load_file(checkpoint / "model.safetensors")
     encoder_state = {k[len(_ENCODER_PREFIX):]: v for k, v in weights.items() if k.startswith(_ENCODER_PREFIX)}
-    s = cfg.student
-    config = build_student_config(
-        s.arch,
-        s.preset,
-        num_hidden_layers=s.num_hidden_layers,
-        hidden_size=s.hidden_size,
-        num_attention_heads=s.num_attention_heads,
-        intermediate_size=s.intermediate_size,
-        conv_dim=s.conv_dim,
-        feat_extract_norm=s.feat_extract_norm,
-    )
-    encoder = build_student(config)
+    encoder = build_student(student_config(cfg))
     result = encoder.load_state_dict(encoder_state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(

@@ -10,12 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["frame_mask", "distill_loss"]
+from teachers import frame_mask
 
-
-def frame_mask(lengths: torch.Tensor, num_frames: int) -> torch.Tensor:
-    """(B,) valid-frame counts -> (B, T) bool mask, True on valid frames."""
-    return torch.arange(num_frames, device=lengths.device)[None, :] < lengths[:, None]
+__all__ = ["distill_loss"]
 
 
 def distill_loss(
@@ -38,9 +35,11 @@ def distill_loss(
     """
     if predictions.shape != targets.shape:
         raise ValueError(f"predictions {tuple(predictions.shape)} and targets {tuple(targets.shape)} must have the same (K, B, T, D) shape")
+    # In fp32 whatever the student ran in: under bf16 autocast the predictions come back bf16,
+    # and a bf16 L1/cosine over many frames loses the small differences late training makes.
+    predictions, targets = predictions.float(), targets.float()
     mask = frame_mask(frame_lengths.to(predictions.device), predictions.shape[2])
     num_valid = mask.sum().clamp(min=1)
-    targets = targets.to(predictions.dtype)
 
     # (K, B, T): per-frame L1 (mean over features) and cosine similarity.
     l1 = (predictions - targets).abs().mean(dim=-1)

@@ -20,7 +20,7 @@ from typing import Iterable, Iterator
 
 import datasets
 import torch
-from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, send_to_device, set_seed
 from datasets.distributed import split_dataset_by_node
 from omegaconf import OmegaConf
@@ -79,8 +79,6 @@ def train(cfg: RecipeConfig, resume_from: str | None = None) -> Path:
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         log_with=trackers,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
-        # Heads or masked_spec_embed may get no gradient on a step; DDP must not hang on them.
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     set_seed(t.seed)
     if accelerator.is_main_process:
@@ -88,7 +86,8 @@ def train(cfg: RecipeConfig, resume_from: str | None = None) -> Path:
         OmegaConf.save(OmegaConf.structured(cfg), out / "recipe.yaml")
 
     # --- build: data, teacher (fitted once, saved with the run), student ---
-    train_set = load_audio_dataset(cfg.data, cfg.data.train_split_name)
+    with accelerator.main_process_first():  # one rank downloads and reads headers; the rest reuse its cache
+        train_set = load_audio_dataset(cfg.data, cfg.data.train_split_name)
     streaming = isinstance(train_set, datasets.IterableDataset)
     if streaming:  # each rank streams its own part; Accelerate cannot dispatch string ids
         train_set = split_dataset_by_node(train_set, rank=accelerator.process_index, world_size=accelerator.num_processes)
@@ -105,9 +104,8 @@ def train(cfg: RecipeConfig, resume_from: str | None = None) -> Path:
     else:
         cache = None
         with accelerator.main_process_first():  # rank 0 fits and saves; the others load that file
-            teacher = build_teacher(cfg, train_set, out / "teacher")
-        teacher.to(accelerator.device)
-        min_samples = max(u.min_samples for u in teacher.upstreams)
+            teacher = build_teacher(cfg, train_set, out / "teacher", device=accelerator.device)
+        min_samples = teacher.min_samples
         student = build_distill_student(cfg, teacher)
     optimizer = torch.optim.AdamW(student.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
     # The prepared scheduler steps once per process per optimizer step, so scale the schedule.
@@ -152,15 +150,12 @@ def train(cfg: RecipeConfig, resume_from: str | None = None) -> Path:
         for batch in batches:
             state.batches_in_epoch += 1
             skipped.add(batch["skipped"])
+            if _any_rank(accelerator, batch["waveforms"].shape[0] == 0):
+                continue  # every utterance of some rank's batch was unreadable: all ranks skip it
             with accelerator.accumulate(student):
-                if batch["waveforms"].shape[0] == 0:
-                    # Every utterance of this batch was unreadable: a zero loss still runs the
-                    # backward, so the other ranks' gradient all-reduce does not wait forever.
-                    loss, parts = sum(p.sum() for p in student.parameters()) * 0.0, {}
-                else:
-                    if cache is not None:
-                        cache.add_targets(batch)
-                    loss, parts = loss_step(student, teacher, batch, cfg.loss.cos_weight)
+                if cache is not None:
+                    cache.add_targets(batch)
+                loss, parts = loss_step(student, teacher, batch, cfg.loss.cos_weight)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(student.parameters(), t.max_grad_norm)
@@ -202,6 +197,13 @@ def train(cfg: RecipeConfig, resume_from: str | None = None) -> Path:
     return export_dir
 
 
+def _any_rank(accelerator: Accelerator, flag: bool) -> bool:
+    """True on every rank when `flag` is True on one; a single process needs no collective."""
+    if accelerator.num_processes == 1:
+        return flag
+    return accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), reduction="sum").item() > 0
+
+
 def _stream_on_device(accelerator: Accelerator, batches: Iterable[dict]) -> Iterator[dict]:
     """Batches of a per-rank stream, moved to the device, ending on every rank together.
 
@@ -211,8 +213,7 @@ def _stream_on_device(accelerator: Accelerator, batches: Iterable[dict]) -> Iter
     iterator = iter(batches)
     while True:
         batch = next(iterator, None)
-        ended = torch.tensor(float(batch is None), device=accelerator.device)
-        if accelerator.reduce(ended, reduction="sum").item() > 0:
+        if _any_rank(accelerator, batch is None):
             return
         yield send_to_device(batch, accelerator.device)
 

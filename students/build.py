@@ -52,8 +52,9 @@ _SHARED_FIELDS = (
 _HUBERT_ONLY_FIELDS = ("feat_proj_layer_norm", "conv_pos_batch_norm")
 
 # Without a preset the stock (base-size) config is used, with the same two distillation
-# defaults as the presets: no layerdrop, no SpecAugment masking of the inputs to be matched.
-_DISTILL_DEFAULTS = {"layerdrop": 0.0, "apply_spec_augment": False}
+# defaults as the presets: no layerdrop, no SpecAugment masking of the inputs to be matched
+# (and so no masked_spec_embed parameter).
+_DISTILL_DEFAULTS = {"layerdrop": 0.0, "apply_spec_augment": False, "mask_time_prob": 0.0}
 
 # Modules copied by init_from_upstream, before the first `num_layers` encoder layers.
 _FRONT_END_MODULES = ("feature_extractor", "feature_projection", "encoder.pos_conv_embed", "encoder.layer_norm")

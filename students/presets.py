@@ -12,6 +12,8 @@ Two defaults differ from the stock config, both for distillation:
 - `apply_spec_augment=False`: the student is trained in train mode without a `mask_time_indices`
   argument, so HF would otherwise mask random spans of the features it must reproduce.
   Fine-tuners turn it back on with `from_pretrained(..., apply_spec_augment=True)`.
+- `mask_time_prob=0.0`: otherwise HF creates a `masked_spec_embed` parameter that distillation
+  never uses (it would stay random and make DDP search for unused parameters every step).
 
 CPU timings below: 2 threads, 10 s of audio, fp32 (see DESIGN.md, "Facts measured").
 """
@@ -56,6 +58,7 @@ def _hubert(
         feat_extract_norm=feat_extract_norm,
         layerdrop=0.0,
         apply_spec_augment=False,
+        mask_time_prob=0.0,
         **extra,
     )
 

@@ -1,7 +1,7 @@
 """Teachers: frozen upstream speech encoders, their alignment and fusion into distillation targets."""
 
 from .align import align_frames, align_layers, wav2vec_num_frames
-from .fused import FusedTeacher, TeacherOutput
+from .fused import CONFIG_NAME, FusedTeacher, TeacherOutput, canonical_spec
 from .inputs import frame_mask
 from .interfaces import AddHConv, CHConv, HConv, WeightedSum
 from .report import describe
@@ -20,6 +20,8 @@ __all__ = [
     "CHConv",
     "AddHConv",
     "FusedTeacher",
+    "canonical_spec",
+    "CONFIG_NAME",
     "TeacherOutput",
     "describe",
 ]

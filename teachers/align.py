@@ -15,12 +15,16 @@ from typing import Sequence, Union
 import torch
 import torch.nn.functional as F
 
-__all__ = ["align_layers", "align_frames", "wav2vec_num_frames", "WAV2VEC_CONV"]
+__all__ = ["align_layers", "align_frames", "wav2vec_num_frames", "WAV2VEC_CONV", "WAV2VEC_RECEPTIVE_FIELD"]
 
 # (kernel, stride) of the wav2vec 2.0 / HuBERT / WavLM conv front-end: 320-sample hop.
 WAV2VEC_CONV = ((10, 5), (3, 2), (3, 2), (3, 2), (3, 2), (2, 2), (2, 2))
 
 FrameCounts = Union[int, Sequence[int], torch.Tensor]
+
+
+# Samples one wav2vec frame sees: 400 (25 ms); shorter audio gives no frame.
+WAV2VEC_RECEPTIVE_FIELD = 400
 
 
 def wav2vec_num_frames(num_samples: int) -> int:

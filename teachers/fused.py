@@ -30,13 +30,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .align import align_frames, align_layers
+from .align import WAV2VEC_RECEPTIVE_FIELD, align_frames, align_layers
 from .inputs import FrameSpec, Waveforms, as_waveform_list, frame_mask, iter_batches, resolve_frame_counts
 from .interfaces import HConv, WeightedSum
 from .pca import CovarianceAccumulator
 from .upstream import SAMPLING_RATE, Upstream, UpstreamOutput, load_upstream, resolve_dtype
 
-__all__ = ["FusedTeacher", "TeacherOutput", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["canonical_spec", "FusedTeacher", "TeacherOutput", "CONFIG_NAME", "WEIGHTS_NAME"]
 
 CONFIG_NAME = "fused_teacher.json"
 WEIGHTS_NAME = "fusion.safetensors"
@@ -96,7 +96,7 @@ class FusedTeacher(nn.Module):
         super().__init__()
         _check_settings(fusion, projection_fit, target_mode, include_interface_output)
         self.upstreams = nn.ModuleList(upstreams)
-        self.specs = [_canonical_spec(s) for s in specs] if specs is not None else [u.name for u in upstreams]
+        self.specs = [canonical_spec(s) for s in specs] if specs is not None else [u.name for u in upstreams]
         self.dims = [u.hidden_size for u in upstreams]
         self.num_aligned_layers = max(u.num_layers + 1 for u in upstreams)
         self.fusion, self.projection_fit, self.target_mode = fusion, projection_fit, target_mode
@@ -171,6 +171,11 @@ class FusedTeacher(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.upstreams[0].device
+
+    @property
+    def min_samples(self) -> int:
+        """Shortest audio every upstream accepts that also gives one frame on the wav2vec grid."""
+        return max(WAV2VEC_RECEPTIVE_FIELD, *(u.min_samples for u in self.upstreams))
 
     @property
     def config(self) -> dict:
@@ -353,7 +358,8 @@ def _spec_name(spec: Any) -> str:
     return f"{spec['config'].get('model_type')}(random-init)" if isinstance(spec, dict) and "config" in spec else str(spec)
 
 
-def _canonical_spec(spec: Any) -> Any:
+def canonical_spec(spec: Any) -> Any:
+    """An upstream spec as saved: JSON-able; local folders absolute."""
     # Local folders become absolute so a saved teacher loads from any working directory.
     if isinstance(spec, (str, Path)):
         return str(Path(spec).resolve()) if Path(spec).is_dir() else str(spec)

@@ -53,3 +53,21 @@ def test_bad_recipes_are_one_line_errors(tmp_path, text, overrides, message):
 def test_unknown_recipe_name_lists_shipped():
     with pytest.raises(RecipeError, match="demo"):
         load_recipe("no_such_recipe")
+
+
+# Transformer layers of the hub upstreams the shipped recipes name (from their model cards).
+HUB_LAYERS = {"microsoft/wavlm-base-plus": 12, "facebook/hubert-base-ls960": 12, "openai/whisper-small": 12}
+
+
+@pytest.mark.parametrize("recipe", ALL_RECIPES, ids=lambda p: p.stem)
+def test_shipped_recipes_name_real_presets_and_reachable_target_layers(recipe):
+    from distill.build import student_config
+
+    cfg = load_recipe(recipe)
+    assert student_config(cfg).model_type == cfg.student.arch
+    layers = [
+        HUB_LAYERS[u] if isinstance(u, str) else u["config"].get("num_hidden_layers", u["config"].get("encoder_layers"))
+        for u in cfg.teacher.upstreams
+    ]
+    aligned = max(layers) + 1  # layer 0 is the front-end output
+    assert cfg.teacher.target_layers and max(cfg.teacher.target_layers) < aligned

@@ -56,3 +56,12 @@ def test_shape_mismatch_is_one_line_error():
     with pytest.raises(ValueError, match=r"same \(K, B, T, D\) shape") as err:
         distill_loss(torch.zeros(2, 1, 5, 3), torch.zeros(2, 1, 4, 3), torch.tensor([4]))
     assert "\n" not in str(err.value)
+
+
+def test_bf16_predictions_give_an_fp32_loss_equal_to_upcast_inputs():
+    g = torch.Generator().manual_seed(2)
+    pred, tgt = torch.randn(2, 2, 6, 8, generator=g).bfloat16(), torch.randn(2, 2, 6, 8, generator=g)
+    lengths = torch.tensor([6, 3])
+    loss, _ = distill_loss(pred, tgt, lengths)
+    reference, _ = distill_loss(pred.float(), tgt, lengths)
+    assert loss.dtype == torch.float32 and loss.item() == reference.item()

@@ -117,19 +117,38 @@ def test_bad_recipe_override_is_a_one_line_error(tmp_path):
     assert lines == [lines[0]] and "training.max_stepz" in lines[0]
 
 
-@pytest.mark.parametrize("streaming", [False, True], ids=["map-style", "streaming"])
-def test_two_cpu_processes_end_with_identical_weights(tmp_path, streaming):
+def _corpus_with_nan_files(root: Path, count: int = 16) -> Path:
+    """The demo corpus plus `count` equal-length all-NaN files: their headers pass the duration
+    filter, decoding fails, and length bucketing puts them together into all-bad batches."""
+    data = root / "corpus"
+    shutil.copytree(REPO / "data" / "demo", data)
+    with open(data / "metadata.csv", "a") as f:
+        for i in range(count):
+            sf.write(data / "audio" / f"nan{i}.wav", torch.full((24000,), float("nan")).numpy(), 16000, subtype="FLOAT")
+            f.write(f"audio/nan{i}.wav,nan,n,en-us,train\n")
+    return data
+
+
+@pytest.mark.parametrize("data", ["map-style", "streaming", "unreadable"])
+def test_two_cpu_processes_end_with_identical_weights(tmp_path, data):
+    overrides = {
+        "map-style": [],
+        "streaming": ["data.streaming=true"],
+        "unreadable": [f"data.dataset_name={_corpus_with_nan_files(tmp_path)}"],
+    }[data]
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
     result = subprocess.run(
         [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
          "--dynamo_backend", "no", "-m", "distill", "train", "demo", "--output-dir", str(tmp_path / "run"),
-         "training.max_steps=6", f"data.streaming={str(streaming).lower()}", *FAST],
+         "training.max_steps=6", *overrides, *FAST],
         cwd=REPO, env={**_env(), "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True, timeout=400,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "processes=2 device=cpu" in result.stdout
     digests = dict(re.findall(r"rank (\d): student weights sha256 (\w+)", result.stderr))
     assert set(digests) == {"0", "1"} and digests["0"] == digests["1"]
+    if data == "unreadable":
+        assert "non_finite=" in result.stdout + result.stderr
 
 
 def test_cache_targets_then_train_without_the_teacher(tmp_path):
