@@ -2,7 +2,7 @@
 
     fusion-distill inspect-teacher RECIPE
     fusion-distill cache-targets RECIPE --out DIR [--shard-size N] [key=value ...]
-    fusion-distill fit-teacher RECIPE --out DIR [--task ctc|classification] [--column text]
+    fusion-distill fit-teacher RECIPE --out DIR [--task ctc|classification] [--column C] [--max-items N] [--device D]
     fusion-distill train RECIPE [--output-dir DIR] [--resume-from latest|DIR] [key=value ...]
     fusion-distill evaluate (RUN_DIR | STUDENT_DIR) [--teacher DIR] [--data DATA] [--no-probe] [--no-cost]
     fusion-distill export RUN_DIR OUT_DIR [--push-to-hub REPO_ID]
@@ -57,7 +57,9 @@ def _cmd_fit_teacher(args: argparse.Namespace) -> None:
     from .fit_teacher import fit_teacher
 
     cfg = load_recipe(args.recipe, args.overrides)
-    result = fit_teacher(cfg, args.out, task_kind=args.task, column=args.column, steps=args.steps, compare_single=not args.no_compare)
+    result = fit_teacher(cfg, args.out, task_kind=args.task, column=args.column, steps=args.steps,
+                         compare_single=not args.no_compare, max_items=args.max_items or None,
+                         max_dev_items=args.max_dev_items or None, device=args.device)
     print(result["table"])
     print(f"fitted teacher saved to {args.out}; use it with teacher.projection_fit=supervised teacher.pretrained={args.out}")
 
@@ -112,9 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*")
     p.add_argument("--out", required=True, help="folder for the fitted teacher and fit_report.json")
     p.add_argument("--task", choices=("ctc", "classification"), default="ctc")
-    p.add_argument("--column", help="label column (default: data.text_column_name for ctc, data.label_column_name otherwise)")
+    p.add_argument("--column", help="label column (default: the recipe's data.text_column_name for ctc, "
+                   "data.label_column_name for classification; any other, e.g. phonemes, is read under the canonical name text/label)")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--no-compare", action="store_true", help="skip the single-upstream rows")
+    p.add_argument("--max-items", type=int, default=1000,
+                   help="train utterances read (0: all); their frozen features are held in RAM, ~4 MB per second "
+                   "of audio for two base-size upstreams")
+    p.add_argument("--max-dev-items", type=int, default=200, help="dev utterances read (0: all)")
+    p.add_argument("--device", help="cuda | cpu (default: cuda when available)")
     p.set_defaults(func=_cmd_fit_teacher)
 
     p = sub.add_parser("evaluate", help="student vs fused teacher: prediction similarity, probes, cost")

@@ -11,7 +11,8 @@
    task in `probe_tasks` ("kind:column"), for the student, the fused teacher and every single
    upstream, with one budget (steps, learning rate, seed) for all.
 3. Cost (distill/cost.py): params, GFLOPs and median CPU latency on `cost_seconds` of audio for
-   the same models, with speed-up and size ratios against the fused teacher.
+   the same models, all in fp32 on the CPU (a bf16 or GPU teacher is cast and moved for the
+   measurement and put back afterwards), with speed-up and size ratios against the fused teacher.
 
 Everything goes to OUT/eval.json (default RUN_DIR/eval/) plus OUT/layer_similarity.png; the
 `format_*` helpers turn the result into the tables the CLI prints.
@@ -23,7 +24,8 @@ import dataclasses
 import json
 import logging
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +37,7 @@ from safetensors.torch import load_file
 from transformers import PreTrainedModel
 
 from students import DistillStudent
-from teachers import FusedTeacher
+from teachers import FusedTeacher, frame_mask
 
 from .audio import RECEPTIVE_FIELD
 from .build import build_distill_student
@@ -43,10 +45,9 @@ from .checkpoint import find_checkpoint
 from .config import DataConfig, load_recipe
 from .cost import Cost, audio_encoder_job, fused_teacher_job, measure_jobs, ratios, student_job, whisper_encoder_job
 from .data import load_audio_dataset, make_eval_batches
-from .losses import frame_mask
 # The format_* helpers are re-exported here: `evaluate` and its tables are one surface for the CLI.
 from .plots import format_cost, format_probes, format_report, format_similarity, plot_layer_similarity
-from .probe import ProbeTask, hf_encoder_extractor, run_probe, teacher_extractor
+from .probe import ProbeTask, hf_encoder_extractor, run_probe, single_upstream_teacher, teacher_extractor, upstream_names
 
 __all__ = [
     "EvalTarget", "load_target", "evaluate", "prediction_similarity", "probe_all", "cost_all",
@@ -197,7 +198,8 @@ def probe_all(
     train_set = load_audio_dataset(data, data.train_split_name)
     dev_set = load_audio_dataset(data, _eval_split(data))
     min_samples = _min_samples(target.teacher)
-    # Materialised once: every model and task trains on exactly the same batches.
+    # Materialised once: every model and task trains on exactly the same batches (and the CTC
+    # vocabulary / class list comes from them, not from the whole training split).
     train_batches = list(make_eval_batches(train_set, data, batch_size, max_items, min_samples))
     dev_batches = list(make_eval_batches(dev_set, data, batch_size, max_items, min_samples))
     models = _probe_extractors(target)
@@ -207,11 +209,11 @@ def probe_all(
     for spec in tasks:
         kind, _, column = spec.partition(":")
         # Labels ride in the batches ("texts", "labels"), present only when the dataset has the column.
-        if not any(key in batch for batch in train_batches[:1] for key in (column + "s", column)):
+        if not any(key in batch for batch in train_batches for key in (column + "s", column)):
             section["tasks"][spec] = {"skipped": f"the dataset has no {column!r} column"}
             logger.warning("probe %s skipped: the dataset has no %r column", spec, column)
             continue
-        task = ProbeTask.from_dataset(train_set, kind, column)
+        task = ProbeTask.from_batches(train_batches, kind, column)
         rows = []
         for name, extract in models.items():
             logger.info("probe %s: %s", spec, name)
@@ -224,35 +226,49 @@ def _probe_extractors(target: EvalTarget) -> dict[str, Any]:
     models = {STUDENT: hf_encoder_extractor(target.encoder, normalize=target.normalize)}
     if target.teacher is not None:
         models[TEACHER] = teacher_extractor(target.teacher)
-        for name, upstream in _named_upstreams(target.teacher):
-            models[name] = teacher_extractor(_single_upstream_teacher(upstream, target.teacher.normalize))
+        for index, name in enumerate(upstream_names(target.teacher)):
+            models[name] = teacher_extractor(single_upstream_teacher(target.teacher, index))
     return models
-
-
-def _single_upstream_teacher(upstream: Any, normalize: bool) -> FusedTeacher:
-    """One upstream behind the fused teacher's own front half (frame alignment to the wav2vec
-    grid, per-layer normalisation), no projection: each upstream is probed on exactly the
-    features it contributes to the fusion, and Whisper needs no separate extractor."""
-    return FusedTeacher([upstream], fusion="weighted_sum", projection_dim=None, projection_fit="none",
-                        target_mode="concat", normalize=normalize)
 
 
 def cost_all(target: EvalTarget, seconds: float = 10.0, repeats: int = 3, threads: int | None = None) -> list[Cost]:
     """Cost rows for the student (encoder only: the heads do not ship), the fused teacher and
-    each upstream, all on the CPU in fp32 (models are moved there) on the same `seconds` of audio."""
+    each upstream, all on the CPU in fp32 on the same `seconds` of audio. The models are cast and
+    moved there for the measurement and put back (device and dtype of every weight) afterwards."""
     teacher = target.teacher
     if teacher is not None and seconds > 30 and any(u.model_type == "whisper" for u in teacher.upstreams):
         raise ValueError(f"cost: {seconds} s of audio, but a Whisper upstream is costed on one 30 s window; use <= 30 s")
     generator = torch.Generator().manual_seed(0)
     wave = 0.1 * torch.randn(int(seconds * 16000), generator=generator)  # content does not change the cost
-    jobs = [student_job(STUDENT, target.encoder.to("cpu"), wave)]
-    if teacher is not None:
-        teacher.to("cpu")
-        jobs.append(fused_teacher_job(TEACHER, teacher, wave))
-        for name, upstream in _named_upstreams(teacher):
-            job = whisper_encoder_job if upstream.model_type == "whisper" else audio_encoder_job
-            jobs.append(job(name, upstream.model, wave))
-    return measure_jobs(jobs, repeats=repeats, threads=threads)
+    with _on_cpu_fp32([target.encoder, teacher]):
+        jobs = [student_job(STUDENT, target.encoder, wave)]
+        if teacher is not None:
+            jobs.append(fused_teacher_job(TEACHER, teacher, wave))
+            for name, upstream in zip(upstream_names(teacher), teacher.upstreams):
+                job = whisper_encoder_job if upstream.model_type == "whisper" else audio_encoder_job
+                jobs.append(job(name, upstream.model, wave))
+        return measure_jobs(jobs, repeats=repeats, threads=threads)
+
+
+@contextmanager
+def _on_cpu_fp32(modules: Sequence[torch.nn.Module | None]) -> Iterator[None]:
+    """Every floating weight of `modules` in float32 on the CPU inside the block; each parameter
+    and buffer back on its own device and dtype afterwards (a bf16 upstream next to an fp32
+    projection keeps both; bf16 -> fp32 -> bf16 is exact)."""
+    present = [m for m in modules if m is not None]
+    placements = [{name: (t.device, t.dtype) for name, t in (*m.named_parameters(), *m.named_buffers())}
+                  for m in present]
+    for module in present:
+        module.to("cpu", torch.float32)
+    try:
+        yield
+    finally:
+        for module, placement in zip(present, placements):
+            for name, param in module.named_parameters():
+                param.data = param.data.to(*placement[name])
+            for name, buffer in list(module.named_buffers()):
+                owner, _, leaf = name.rpartition(".")
+                setattr(module.get_submodule(owner), leaf, buffer.to(*placement[name]))
 
 
 def _cost_section(costs: list[Cost], seconds: float) -> dict[str, Any]:
@@ -261,14 +277,7 @@ def _cost_section(costs: list[Cost], seconds: float) -> dict[str, Any]:
     for c in costs:
         speedup, size_ratio = ratios(c, reference)
         rows.append({**c.as_dict(), "speedup": speedup, "size_ratio": size_ratio})
-    return {"seconds": seconds, "reference": reference.name, "rows": rows}
-
-
-def _named_upstreams(teacher: FusedTeacher) -> list[tuple[str, Any]]:
-    # Local folders are named by their last part; repeats of one model get a position suffix.
-    names = [Path(u.name).name if Path(u.name).is_absolute() else u.name for u in teacher.upstreams]
-    counts = Counter(names)
-    return [(f"{n} #{i}" if counts[n] > 1 else n, u) for i, (n, u) in enumerate(zip(names, teacher.upstreams))]
+    return {"seconds": seconds, "device": "cpu", "dtype": "float32", "reference": reference.name, "rows": rows}
 
 
 def _check_tasks(specs: Sequence[str]) -> None:
@@ -286,8 +295,8 @@ def _eval_split(data: DataConfig) -> str:
 
 
 def _min_samples(teacher: FusedTeacher | None) -> int:
-    # Shorter audio than any upstream's receptive field is refused by that upstream.
-    return max([RECEPTIVE_FIELD] + ([u.min_samples for u in teacher.upstreams] if teacher is not None else []))
+    # Shorter audio is refused by an upstream, or gives no frame.
+    return teacher.min_samples if teacher is not None else RECEPTIVE_FIELD
 
 
 # ----------------------------------------------------------------------------- the whole report

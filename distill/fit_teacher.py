@@ -10,9 +10,16 @@ projection onward runs per step. The fitted teacher is saved with `fitted=True`,
 builds it (distill.build.build_teacher) and produces targets without refitting.
 
 For the comparison each upstream is also fitted alone: a one-upstream FusedTeacher with the same
-fusion settings (projection width capped at that upstream's width), the same head, steps and seed.
-It shares the already loaded upstream module, so nothing is loaded twice, but its features are
-computed again (its own layer alignment differs from the fused one).
+fusion settings (projection width capped at that upstream's width), the same head, steps and seed
+(`distill.probe.single_upstream_teacher(..., fit=True)`). It shares the already loaded upstream
+module, so nothing is loaded twice, but its features are computed again (its own layer alignment
+differs from the fused one).
+
+Memory: the frozen features of every train and dev utterance are held in CPU RAM, L x T x sum(D_i)
+values each (for WavLM Base+ + Whisper Small about 4 MB per second of audio in fp32, ~50 MB per
+LibriSpeech utterance), hence the caps: `max_items` train (default 1000) and `max_dev_items` dev
+(default 200) utterances; the estimate is logged before the features are extracted. The upstreams
+run on `device` (default: cuda when available).
 """
 
 from __future__ import annotations
@@ -26,18 +33,18 @@ from typing import Any, Optional, Union
 
 import torch
 
-from teachers import FusedTeacher, Upstream
+from teachers import FusedTeacher
 
 from .config import DataConfig, RecipeConfig
 from .data import load_audio_dataset, make_eval_batches
-from .probe import ProbeResult, ProbeTask, run_probe, teacher_extractor
+from .probe import ProbeResult, ProbeTask, run_probe, single_upstream_teacher, teacher_extractor, upstream_names
 
-__all__ = ["fit_teacher", "REPORT_NAME"]
+__all__ = ["fit_teacher", "REPORT_NAME", "DEFAULT_MAX_ITEMS", "DEFAULT_MAX_DEV_ITEMS"]
 
 logger = logging.getLogger(__name__)
 
 REPORT_NAME = "fit_report.json"
-_DEFAULT_COLUMN = {"ctc": "text", "classification": "label"}
+DEFAULT_MAX_ITEMS, DEFAULT_MAX_DEV_ITEMS = 1000, 200  # train / dev utterances whose features are held in RAM
 # load_audio_dataset renames the configured text/label columns to these canonical names.
 _CANONICAL = {"ctc": "text", "classification": "label"}
 
@@ -52,50 +59,57 @@ def fit_teacher(
     *,
     learning_rate: float = 1e-3,
     batch_size: Optional[int] = None,
-    max_items: Optional[int] = None,
+    max_items: Optional[int] = DEFAULT_MAX_ITEMS,
+    max_dev_items: Optional[int] = DEFAULT_MAX_DEV_ITEMS,
     seed: Optional[int] = None,
     device: Union[str, torch.device, None] = None,
     cache_dtype: torch.dtype = torch.float32,
 ) -> dict:
     """Fit the recipe's fused teacher on `column` labels, save it to `out_dir`, compare upstreams.
 
-    column: the data column (default text for ctc, label for classification; e.g. phonemes).
-    Train on `data.train_split_name`, score on `data.eval_split_name`; `max_items` caps the
-    utterances read from each split (features of all of them are held in memory). batch_size and
-    seed default to the recipe's training values. Returns the report written to
-    `out_dir/fit_report.json` plus "table" (text: rows fused and each upstream, dev metric).
+    column: the data column (default: the recipe's data.text_column_name for ctc,
+    data.label_column_name for classification; any other, e.g. phonemes); it is read under its
+    canonical name (text / label). Train on `data.train_split_name`, score on
+    `data.eval_split_name`, reading at most `max_items` train and `max_dev_items` dev utterances
+    (None: all; the features of all of them are held in memory). device: where the upstreams run
+    (default cuda when available, else cpu). batch_size and seed default to the recipe's training
+    values. Returns the report written to `out_dir/fit_report.json` plus "table" (text: rows fused
+    and each upstream, dev metric).
     """
-    if task_kind not in _DEFAULT_COLUMN:
-        raise ValueError(f"fit_teacher: task_kind={task_kind!r}, expected one of {', '.join(_DEFAULT_COLUMN)}")
+    if task_kind not in _CANONICAL:
+        raise ValueError(f"fit_teacher: task_kind={task_kind!r}, expected one of {', '.join(_CANONICAL)}")
     if not cfg.data.eval_split_name:
         raise ValueError("fit_teacher: data.eval_split_name is not set; the dev split scores the fit")
-    column = column or _DEFAULT_COLUMN[task_kind]
+    column = column or _recipe_column(cfg.data, task_kind)
     batch_size = batch_size or cfg.training.per_device_train_batch_size
     seed = cfg.training.seed if seed is None else seed
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     data_cfg = _probe_data_config(cfg.data, task_kind, column)
     # Data before models: a missing column fails in seconds, not after loading the upstreams.
-    splits = [_limit(load_audio_dataset(data_cfg, split), max_items)
-              for split in (data_cfg.train_split_name, data_cfg.eval_split_name)]
-    task = _task(splits[0], task_kind, column, data_cfg)
+    splits = [load_audio_dataset(data_cfg, split) for split in (data_cfg.train_split_name, data_cfg.eval_split_name)]
+    _check_column(splits[0], task_kind, column, data_cfg)
 
-    teacher = FusedTeacher.from_config(_supervised_settings(cfg)).to(device or "cpu")
-    min_samples = max(u.min_samples for u in teacher.upstreams)  # shorter audio is refused by an upstream
-    train_batches, dev_batches = (list(make_eval_batches(ds, data_cfg, batch_size, min_samples=min_samples))
-                                  for ds in splits)
+    teacher = FusedTeacher.from_config(_supervised_settings(cfg)).to(device)
+    # Only the capped batches are ever read: the vocabulary comes from the train batches too.
+    train_batches, dev_batches = (list(make_eval_batches(ds, data_cfg, batch_size, cap, teacher.min_samples))
+                                  for ds, cap in zip(splits, (max_items, max_dev_items)))
+    task = ProbeTask.from_batches(train_batches, task_kind, _CANONICAL[task_kind])
+    _log_cache_size(teacher, train_batches + dev_batches, cache_dtype)
     probe = dict(steps=steps, learning_rate=learning_rate, seed=seed, batch_size=batch_size, cache_dtype=cache_dtype)
     fused = _fit_one(teacher, task, train_batches, dev_batches, probe)
     teacher.fitted = True
     out_dir = teacher.save_pretrained(out_dir)  # saved before the comparison: the fit is the product
-    rows = [(f"fused ({len(teacher.upstreams)} upstreams)", [_display_name(u) for u in teacher.upstreams], fused)]
+    names = upstream_names(teacher)
+    rows = [(f"fused ({len(teacher.upstreams)} upstreams)", names, fused)]
     if compare_single:
-        for upstream, spec in zip(teacher.upstreams, teacher.specs):
-            single = _single_teacher(teacher, upstream, spec).to(teacher.device)
-            result = _fit_one(single, task, train_batches, dev_batches, probe)
-            rows.append((_display_name(upstream), [_display_name(upstream)], result))
+        for index, name in enumerate(names):
+            single = single_upstream_teacher(teacher, index, fit=True).to(device)
+            rows.append((name, [name], _fit_one(single, task, train_batches, dev_batches, probe)))
 
     report = {
         "task": {"kind": task_kind, "column": column, "vocab": task.vocab},
         "steps": steps, "learning_rate": learning_rate, "batch_size": batch_size, "seed": seed,
+        "max_items": max_items, "max_dev_items": max_dev_items, "device": str(device),
         "num_train": fused.num_train, "num_dev": fused.num_dev,
         "skipped": {"train": _skipped(train_batches), "dev": _skipped(dev_batches)},
         "teacher_dir": str(out_dir), "config_hash": teacher.config_hash(),
@@ -103,8 +117,14 @@ def fit_teacher(
     }
     (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
     report["table"] = _table(rows)
-    logger.info("fit-teacher dev scores:\n%s", report["table"])
+    logger.debug("fit-teacher dev scores:\n%s", report["table"])  # the CLI prints the table itself
     return report
+
+
+def _recipe_column(data: DataConfig, task_kind: str) -> str:
+    # The recipe's configured column; load_audio_dataset serves it under the canonical name.
+    configured = data.text_column_name if task_kind == "ctc" else data.label_column_name
+    return configured or _CANONICAL[task_kind]
 
 
 def _probe_data_config(data: DataConfig, task_kind: str, column: str) -> DataConfig:
@@ -113,20 +133,21 @@ def _probe_data_config(data: DataConfig, task_kind: str, column: str) -> DataCon
     return dataclasses.replace(data, text_column_name=text, label_column_name=label)
 
 
-def _limit(dataset: Any, max_items: Optional[int]) -> Any:
-    if max_items is None:
-        return dataset
-    if hasattr(dataset, "take") and not hasattr(dataset, "select"):  # a streamed dataset
-        return dataset.take(max_items)
-    return dataset.select(range(min(max_items, len(dataset))))
-
-
-def _task(train_set: Any, task_kind: str, column: str, data_cfg: DataConfig) -> ProbeTask:
-    canonical = _CANONICAL[task_kind]
+def _check_column(train_set: Any, task_kind: str, column: str, data_cfg: DataConfig) -> None:
+    # Cheap when the column names are known; a stream with unknown features fails later, in
+    # ProbeTask.from_batches, once its first batches are read.
     names = getattr(train_set, "column_names", None)
-    if names is not None and canonical not in names:
+    if names is not None and _CANONICAL[task_kind] not in names:
         raise ValueError(f"fit_teacher: {data_cfg.dataset_name}[{data_cfg.train_split_name}] has no column {column!r}")
-    return ProbeTask.from_dataset(train_set, task_kind, canonical)
+
+
+def _log_cache_size(teacher: FusedTeacher, batches: list[dict], cache_dtype: torch.dtype) -> None:
+    samples = sum(int(batch["lengths"].sum()) for batch in batches)
+    values = teacher.num_aligned_layers * sum(teacher.dims) * samples // 320  # ~ L x T x sum(D_i), 50 frames/s
+    size = values * torch.empty((), dtype=cache_dtype).element_size()
+    logger.info("fit-teacher: %d utterances (%.1f min of audio); their frozen features take ~%s of RAM",
+                sum(len(batch["ids"]) for batch in batches), samples / 16000 / 60,
+                f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{size / 1e6:.0f} MB")
 
 
 def _supervised_settings(cfg: RecipeConfig) -> dict:
@@ -134,17 +155,6 @@ def _supervised_settings(cfg: RecipeConfig) -> dict:
     # A fresh fit: the recipe's pretrained folder (if any) is what this stage writes, not its input.
     settings.update(projection_fit="supervised", pretrained=None)
     return settings
-
-
-def _single_teacher(fused: FusedTeacher, upstream: Upstream, spec: Any) -> FusedTeacher:
-    """The fused teacher's settings over one upstream (its own layer count, projection <= its width)."""
-    projection_dim = fused.projection_dim
-    if fused.target_mode == "chconv" and projection_dim:
-        projection_dim = min(int(projection_dim), upstream.hidden_size)
-    return FusedTeacher(
-        [upstream], specs=[spec], fusion=fused.fusion, projection_dim=projection_dim, projection_fit="supervised",
-        normalize=fused.normalize, target_mode=fused.target_mode,
-    )
 
 
 def _fit_one(teacher: FusedTeacher, task: ProbeTask, train_batches: list, dev_batches: list,
@@ -156,11 +166,6 @@ def _fit_one(teacher: FusedTeacher, task: ProbeTask, train_batches: list, dev_ba
         interface=teacher.interface, transform=teacher.project, feature_grad=projection is not None,
         extra_parameters=list(projection.parameters()) if projection is not None else (), **probe,
     )
-
-
-def _display_name(upstream: Upstream) -> str:
-    # Local folders are absolute paths in specs; their last part names them well enough in a table.
-    return Path(upstream.name).name if Path(upstream.name).is_dir() else upstream.name
 
 
 def _skipped(batches: list[dict]) -> dict:

@@ -19,6 +19,8 @@ __all__ = ["plot_layer_similarity", "format_similarity", "format_probes", "forma
 
 logger = logging.getLogger(__name__)
 
+_SHORT_DTYPE = {"float32": "fp32", "bfloat16": "bf16"}
+
 
 def plot_layer_similarity(layers: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path | None:
     """Cosine similarity and L1 distance per target layer, side by side, written to `path` (PNG).
@@ -90,7 +92,9 @@ def format_cost(section: dict[str, Any]) -> str:
         return f"cost: skipped ({section['skipped']})"
     fields = {f.name for f in dataclasses.fields(Cost)}
     costs = [Cost(**{k: tuple(v) if k == "latencies_ms" else v for k, v in row.items() if k in fields}) for row in section["rows"]]
-    return f"cost on {section['seconds']:g} s of audio (CPU, fp32)\n" + cost_table(costs, section["reference"])
+    # evaluate.cost_all casts and moves every model there; sections saved before that field default to it.
+    where = f"{section.get('device', 'cpu').upper()}, {_SHORT_DTYPE.get(section.get('dtype', 'float32'), section.get('dtype'))}"
+    return f"cost on {section['seconds']:g} s of audio ({where})\n" + cost_table(costs, section["reference"])
 
 
 def format_report(result: dict[str, Any]) -> str:

@@ -14,13 +14,19 @@ Cost: the extractor is frozen, so every utterance is extracted ONCE and its vali
 in CPU memory (L x T x D values each, `cache_dtype`). A trainable step between the frozen features
 and the interface (the fused teacher's projection) is a `transform` run on the cache every step
 (`feature_grad=True`, its parameters in `extra_parameters`): upstream forwards still run once.
-Labels: column `c` is read from `batch[c + "s"]` (make_eval_batches' "texts"/"labels") or `batch[c]`.
+Labels: column `c` is read from `batch[c + "s"]` (make_eval_batches' "texts"/"labels") or `batch[c]`;
+`ProbeTask.from_batches` takes the vocabulary from the (capped) training batches themselves, so
+nothing beyond what the probe trains on is ever read.
+
+Single upstreams: `single_upstream_teacher(teacher, i)` puts one upstream of a fused teacher behind
+the same front half (shared module, nothing loaded twice); `upstream_names(teacher)` names them
+for tables (evaluate's probes and cost rows, fit-teacher's comparison).
 """
 
 from __future__ import annotations
 
-import json
 import logging
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
@@ -30,10 +36,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from students import normalize_waveforms
-from teachers import FusedTeacher, HConv, WeightedSum, frame_mask
+from teachers import FusedTeacher, HConv, Upstream, WeightedSum, frame_mask
+from teachers.upstream import _wants_normalised
 
 __all__ = ["ProbeTask", "ProbeResult", "Extractor", "run_probe", "hf_encoder_extractor", "teacher_extractor",
-           "edit_distance", "error_rate"]
+           "wants_normalised", "single_upstream_teacher", "upstream_names", "edit_distance", "error_rate"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,17 +68,24 @@ class ProbeTask:
         self._index = {symbol: i for i, symbol in enumerate(self.vocab)}
 
     @classmethod
-    def from_dataset(cls, dataset: Any, kind: str, column: str) -> "ProbeTask":
-        """Vocabulary from the training split: sorted characters (ctc) or sorted labels (as str)."""
-        columns = dataset.column_names
-        if columns is None:  # a streamed dataset with unknown features: its first row names them
-            columns = list(next(iter(dataset)).keys())
-        if column not in columns:
-            raise ValueError(f"ProbeTask: no column {column!r} in the dataset; columns: {', '.join(columns)}")
-        values = [row[column] for row in dataset.select_columns([column])]  # skips reading the audio
+    def from_batches(cls, batches: Iterable[Mapping[str, Any]], kind: str, column: str) -> "ProbeTask":
+        """Vocabulary from the labels of already materialised (training) batches: sorted characters
+        (ctc) or sorted labels as str (classification). Only these batches are read, so the
+        vocabulary costs nothing beyond the item cap the probe trains on."""
+        values: list[Any] = []
+        found, keys = False, set()
+        for batch in batches:
+            labels = _batch_labels(batch, column)
+            if labels is None:
+                keys.update(batch)
+                continue
+            found = True
+            values.extend(v for v in labels if v is not None)
+        if not found:
+            raise ValueError(f"ProbeTask: no {column!r} labels in the batches; keys: {', '.join(sorted(keys)) or 'none'}")
         if kind == "ctc":
-            return cls(kind, column, sorted({ch for v in values if v is not None for ch in str(v)}))
-        return cls(kind, column, sorted({str(v) for v in values if v is not None}))
+            return cls(kind, column, sorted({ch for v in values for ch in str(v)}))
+        return cls(kind, column, sorted({str(v) for v in values}))
 
     def encode(self, value: Any) -> list[int]:
         """CTC: symbol ids (1-based; characters outside the vocab dropped). Classification: [class] or [-1]."""
@@ -80,10 +94,17 @@ class ProbeTask:
         return [self._index.get(str(value), -1)]
 
     def labels_of(self, batch: Mapping[str, Any]) -> list[Any]:
-        for key in (self.column + "s", self.column):
-            if key in batch:
-                return list(batch[key])
-        raise KeyError(f"ProbeTask: batch has no {self.column!r} labels; keys: {', '.join(batch)}")
+        labels = _batch_labels(batch, self.column)
+        if labels is None:
+            raise KeyError(f"ProbeTask: batch has no {self.column!r} labels; keys: {', '.join(batch)}")
+        return labels
+
+
+def _batch_labels(batch: Mapping[str, Any], column: str) -> Optional[list[Any]]:
+    for key in (column + "s", column):
+        if key in batch:
+            return list(batch[key])
+    return None
 
 
 @dataclass
@@ -114,10 +135,10 @@ def hf_encoder_extractor(model: nn.Module, normalize: Optional[bool] = None) -> 
     Items run one by one, unpadded: group-norm front-ends change under zero padding even with an
     attention mask. normalize: zero-mean/unit-variance per utterance as
     Wav2Vec2FeatureExtractor does; None follows `do_normalize` of the preprocessor_config.json in
-    the folder the model was loaded from, else `feat_extract_norm == "layer"`. The model runs in
-    eval mode; its mode is restored afterwards.
+    the folder the model was loaded from, else `feat_extract_norm == "layer"` (`wants_normalised`,
+    the teachers' rule). The model runs in eval mode; its mode is restored afterwards.
     """
-    wants_norm = _default_normalize(model) if normalize is None else bool(normalize)
+    wants_norm = wants_normalised(model) if normalize is None else bool(normalize)
 
     def extract(waveforms: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if wants_norm:
@@ -158,13 +179,51 @@ def _run_unpadded(model: nn.Module, waves: list[torch.Tensor]) -> list[torch.Ten
         model.train(was_training)
 
 
-def _default_normalize(model: nn.Module) -> bool:
+def wants_normalised(model: nn.Module) -> bool:
+    """Whether a loaded HF encoder expects zero-mean unit-variance audio: the rule the teachers'
+    upstreams use (the preprocessor config of the folder / hub id it was loaded from, else
+    `feat_extract_norm == "layer"`)."""
     config = getattr(model, "config", None)
-    preprocessor = Path(str(getattr(config, "_name_or_path", "") or "")) / "preprocessor_config.json"
-    if preprocessor.is_file():
-        return bool(json.loads(preprocessor.read_text()).get("do_normalize", False))
-    # Data2VecAudio has no feat_extract_norm: its conv front-end is always layer-normed.
-    return getattr(config, "feat_extract_norm", "layer") == "layer"
+    source = str(getattr(config, "_name_or_path", "") or "") or None
+    return _wants_normalised(config, source)
+
+
+# --------------------------------------------------------------------------- single upstreams
+
+
+def single_upstream_teacher(teacher: FusedTeacher, index: int, fit: bool = False) -> FusedTeacher:
+    """Upstream `index` of `teacher` alone, behind the teacher's own front half (frame alignment
+    to the wav2vec grid, per-layer normalisation); it shares the loaded module.
+
+    fit=False: no projection (concatenation, weighted sum): exactly the features this upstream
+    contributes to the fusion, to probe; Whisper needs no separate extractor. fit=True: the
+    teacher's fusion settings over this upstream (projection width capped at its width), with a
+    supervised projection to train, for a like-for-like comparison with the fused fit.
+    """
+    upstream, spec = teacher.upstreams[index], teacher.specs[index]
+    if not fit:
+        return FusedTeacher([upstream], specs=[spec], fusion="weighted_sum", projection_dim=None,
+                            projection_fit="none", target_mode="concat", normalize=teacher.normalize)
+    projection_dim = teacher.projection_dim
+    if teacher.target_mode == "chconv" and projection_dim:
+        projection_dim = min(int(projection_dim), upstream.hidden_size)
+    return FusedTeacher([upstream], specs=[spec], fusion=teacher.fusion, projection_dim=projection_dim,
+                        projection_fit="supervised", normalize=teacher.normalize, target_mode=teacher.target_mode)
+
+
+def upstream_names(teacher: FusedTeacher) -> list[str]:
+    """Table names of the teacher's upstreams: local folders by their last part, hub ids and
+    random-init configs as they are; repeats of one name get a position suffix ("name #1")."""
+    names = [_upstream_name(u) for u in teacher.upstreams]
+    counts = Counter(names)
+    return [f"{n} #{i}" if counts[n] > 1 else n for i, n in enumerate(names)]
+
+
+def _upstream_name(upstream: Upstream) -> str:
+    # Saved specs hold local folders as absolute paths (a moved folder is no longer a dir, hence
+    # is_absolute); a relative folder given directly is a dir.
+    path = Path(upstream.name)
+    return path.name if path.is_absolute() or path.is_dir() else upstream.name
 
 
 # --------------------------------------------------------------------------- metrics

@@ -7,6 +7,7 @@ completion marker) and the exported student/.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import shutil
@@ -182,3 +183,27 @@ def test_teacher_override_must_match_the_heads(run, tmp_path):
 def test_bad_probe_task_fails_before_loading(tmp_path):
     with pytest.raises(ValueError, match="expected ctc:COLUMN or classification:COLUMN"):
         evaluate(tmp_path / "missing", probe_tasks=("ctc",))
+
+
+def test_cost_runs_everything_in_fp32_on_cpu_and_restores(run, result, monkeypatch):
+    import distill.evaluate as ev
+
+    _, student, _, cfg = run
+    teacher = FusedTeacher.from_config({**dataclasses.asdict(cfg.teacher), "dtype": "bfloat16"}, progress=lambda _: None)
+    teacher.fitted = True
+    encoder = copy.deepcopy(student.encoder).to(torch.bfloat16)  # a copy: the fixture's student stays fp32
+    seen = []
+
+    def spy(jobs, **kwargs):  # what the measured models hold when measure_jobs runs
+        seen.extend({p.dtype for m in [encoder, teacher] for p in m.parameters()} | {p.device.type for p in teacher.parameters()})
+        return []
+
+    monkeypatch.setattr(ev, "measure_jobs", spy)
+    target = ev.EvalTarget("run", Path("."), encoder, True, Path("."), teacher=teacher)
+    ev.cost_all(target, seconds=0.5, repeats=1)
+    assert set(seen) == {torch.float32, "cpu"}
+    # Put back weight by weight: bf16 upstreams, the fp32 projection and interface stay fp32.
+    assert all(u.dtype == torch.bfloat16 for u in teacher.upstreams) and teacher.config["dtype"] == "bfloat16"
+    assert teacher.projection.weight.dtype == torch.float32 and next(encoder.parameters()).dtype == torch.bfloat16
+    section = result["cost"]
+    assert (section["device"], section["dtype"]) == ("cpu", "float32") and "(CPU, fp32)" in format_cost(section)

@@ -12,7 +12,9 @@ from conftest import make_wave
 
 from distill.build import build_teacher
 from distill.config import load_recipe
-from distill.fit_teacher import REPORT_NAME, fit_teacher
+from distill.cli import build_parser
+from distill.data import load_audio_dataset, make_eval_batches
+from distill.fit_teacher import DEFAULT_MAX_DEV_ITEMS, DEFAULT_MAX_ITEMS, REPORT_NAME, fit_teacher
 from teachers import FusedTeacher
 
 STEPS = 8
@@ -31,7 +33,7 @@ def _recipe(dirs, *extra):
 def fitted(tiny_upstream_dirs, tmp_path_factory):
     out = tmp_path_factory.mktemp("fit") / "teacher"
     cfg = _recipe(tiny_upstream_dirs)
-    report = fit_teacher(cfg, out, "ctc", column="phonemes", steps=STEPS, max_items=4, batch_size=4)
+    report = fit_teacher(cfg, out, "ctc", column="phonemes", steps=STEPS, max_items=4, max_dev_items=4, batch_size=4)
     return cfg, out, report
 
 
@@ -89,3 +91,23 @@ def test_fit_errors(tiny_upstream_dirs, tmp_path):
     no_dev = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval_split_name=None))
     with pytest.raises(ValueError, match="eval_split_name"):
         fit_teacher(no_dev, tmp_path)
+
+
+def test_caps_and_vocabulary_from_the_read_batches_only(tiny_upstream_dirs, tmp_path):
+    # The recipe's own text column is the default (read under the canonical name "text").
+    cfg = _recipe(tiny_upstream_dirs, "data.text_column_name=phonemes")
+    report = fit_teacher(cfg, tmp_path, "ctc", steps=1, compare_single=False, max_items=2, max_dev_items=3,
+                         batch_size=2, device="cpu")
+    assert report["task"]["column"] == "phonemes" and report["device"] == "cpu"
+    assert (report["num_train"], report["num_dev"]) == (2, 3)
+    assert (report["max_items"], report["max_dev_items"]) == (2, 3)
+    first_two = next(make_eval_batches(load_audio_dataset(cfg.data, "train"), cfg.data, 2, max_items=2))["texts"]
+    assert report["task"]["vocab"] == sorted(set("".join(first_two)))  # nothing beyond the capped rows was read
+
+
+def test_cli_defaults_are_capped():
+    args = build_parser().parse_args(["fit-teacher", "demo", "--out", "x"])
+    assert (args.max_items, args.max_dev_items, args.device) == (DEFAULT_MAX_ITEMS, DEFAULT_MAX_DEV_ITEMS, None)
+    assert fit_teacher.__kwdefaults__["max_items"] == DEFAULT_MAX_ITEMS
+    args = build_parser().parse_args(["fit-teacher", "demo", "--out", "x", "--max-items", "0", "--device", "cpu"])
+    assert args.max_items == 0 and args.device == "cpu"  # 0: all (passed on as None)

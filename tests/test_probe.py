@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import datasets
 import pytest
 import torch
 from conftest import make_wave
 
 from distill.config import DataConfig
-from distill.data import load_audio_dataset
+from distill.data import load_audio_dataset, make_eval_batches
 from distill.probe import (
-    ProbeResult, ProbeTask, edit_distance, error_rate, hf_encoder_extractor, run_probe, teacher_extractor,
+    ProbeResult, ProbeTask, edit_distance, error_rate, hf_encoder_extractor, run_probe, single_upstream_teacher,
+    teacher_extractor, upstream_names, wants_normalised,
 )
 from teachers import FusedTeacher, load_upstream, wav2vec_num_frames
 
@@ -47,21 +47,27 @@ def test_error_rate_is_corpus_level():
 # --------------------------------------------------------------------------- tasks
 
 
-def test_probe_task_vocab_from_dataset():
-    ds = datasets.Dataset.from_dict({"text": ["ab a", "ca"], "phonemes": ["ðə kˈɛ", "ɐ"], "label": ["x", "y"]})
-    text = ProbeTask.from_dataset(ds, "ctc", "text")
+def test_probe_task_vocab_from_batches():
+    batches = [{"texts": ["ab a"], "phonemes": ["ðə kˈɛ"], "labels": ["x"]},
+               {"ids": [], "skipped": {"empty": 1}},  # a batch of skipped rows carries no labels
+               {"texts": ["ca"], "phonemes": ["ɐ"], "labels": ["y"]}]
+    text = ProbeTask.from_batches(batches, "ctc", "text")
     assert text.vocab == [" ", "a", "b", "c"] and text.encode("cab z") == [4, 2, 3, 1]  # z unknown: dropped
-    phones = ProbeTask.from_dataset(ds, "ctc", "phonemes")
+    phones = ProbeTask.from_batches(batches, "ctc", "phonemes")
     assert phones.vocab == sorted(set("ðə kˈɛɐ")) and "ˈ" in phones.vocab and " " in phones.vocab
-    labels = ProbeTask.from_dataset(ds, "classification", "label")
+    labels = ProbeTask.from_batches(batches, "classification", "label")
     assert labels.vocab == ["x", "y"] and labels.encode("y") == [1] and labels.encode("q") == [-1]
     assert labels.labels_of({"labels": ["x"]}) == ["x"] and text.labels_of({"text": ["a"]}) == ["a"]
+    # Only what the batches hold: a later batch's symbols are not in a vocabulary built without it.
+    assert ProbeTask.from_batches(batches[:1], "ctc", "text").vocab == [" ", "a", "b"]
+    assert ProbeTask.from_batches(iter(batches), "classification", "label").vocab == ["x", "y"]  # one pass
 
 
 def test_probe_task_errors():
-    ds = datasets.Dataset.from_dict({"text": ["a"], "label": ["x"]})
-    with pytest.raises(ValueError, match=r"no column 'phonemes' in the dataset; columns: text, label"):
-        ProbeTask.from_dataset(ds, "ctc", "phonemes")
+    with pytest.raises(ValueError, match=r"no 'phonemes' labels in the batches; keys: labels, texts"):
+        ProbeTask.from_batches([{"texts": ["a"], "labels": ["x"]}], "ctc", "phonemes")
+    with pytest.raises(ValueError, match="empty vocabulary"):
+        ProbeTask.from_batches([{"texts": [""]}], "ctc", "text")
     with pytest.raises(ValueError, match="kind='regression'"):
         ProbeTask("regression", "text", ["a"])
     with pytest.raises(KeyError, match="no 'text' labels"):
@@ -69,9 +75,12 @@ def test_probe_task_errors():
 
 
 def test_probe_task_on_demo_corpus():
-    train = load_audio_dataset(DataConfig(dataset_name=str(DEMO)), "train")
-    assert ProbeTask.from_dataset(train, "classification", "label").vocab == ["en+f2", "en+m3", "en-gb-x-rp", "en-us"]
-    assert set("the kettle") <= set(ProbeTask.from_dataset(train, "ctc", "text").vocab)
+    data = DataConfig(dataset_name=str(DEMO))
+    batches = list(make_eval_batches(load_audio_dataset(data, "train"), data, 8))
+    assert ProbeTask.from_batches(batches, "classification", "label").vocab == ["en+f2", "en+m3", "en-gb-x-rp", "en-us"]
+    assert set("the kettle") <= set(ProbeTask.from_batches(batches, "ctc", "text").vocab)
+    first = list(make_eval_batches(load_audio_dataset(data, "train"), data, 2, max_items=2))
+    assert ProbeTask.from_batches(first, "ctc", "text").vocab == sorted(set("".join(first[0]["texts"])))
 
 
 # --------------------------------------------------------------------------- synthetic tasks
@@ -197,3 +206,33 @@ def test_teacher_extractor(tiny_upstream_dirs):
     teacher.fitted = True
     projected, _ = teacher_extractor(teacher)(batch, lengths)
     torch.testing.assert_close(projected, teacher.project(raw))
+
+
+def test_wants_normalised_is_the_teachers_rule(tiny_upstream_dirs, tmp_path):
+    from transformers import AutoModel, Wav2Vec2FeatureExtractor
+
+    for kind in ("hubert", "wav2vec2", "data2vec-audio"):
+        model = AutoModel.from_pretrained(tiny_upstream_dirs[kind])
+        assert wants_normalised(model) == load_upstream(tiny_upstream_dirs[kind]).do_normalize, kind
+    assert not wants_normalised(AutoModel.from_pretrained(tiny_upstream_dirs["hubert"]))  # group norm, no preprocessor
+    # A preprocessor config beside the weights decides, for the probe as for the teacher.
+    folder = tmp_path / "hubert_normalised"
+    AutoModel.from_pretrained(tiny_upstream_dirs["hubert"]).save_pretrained(folder)
+    Wav2Vec2FeatureExtractor(do_normalize=True).save_pretrained(folder)
+    assert wants_normalised(AutoModel.from_pretrained(folder)) and load_upstream(str(folder)).do_normalize
+
+
+def test_upstream_names_and_single_upstream_teachers(tiny_upstream_dirs):
+    from conftest import tiny_config
+
+    spec = {"upstreams": [tiny_upstream_dirs["wavlm"], tiny_upstream_dirs["hubert"], tiny_config("hubert"),
+                          tiny_config("hubert")], "projection_dim": 48}
+    teacher = FusedTeacher.from_config(spec)
+    assert upstream_names(teacher) == ["wavlm", "hubert", "hubert(random-init) #2", "hubert(random-init) #3"]
+    probe_view = single_upstream_teacher(teacher, 1)
+    assert probe_view.upstreams[0] is teacher.upstreams[1]  # shared, not loaded again
+    assert probe_view.projection is None and probe_view.fitted and probe_view.specs == [teacher.specs[1]]
+    fit_view = single_upstream_teacher(teacher, 0, fit=True)
+    assert fit_view.upstreams[0] is teacher.upstreams[0] and not fit_view.fitted
+    assert fit_view.projection_fit == "supervised" and fit_view.fusion == teacher.fusion
+    assert fit_view.projection.out_features == 32  # capped at the upstream's width (48 > 32)
