@@ -100,7 +100,9 @@ def prepare(name: str, cfg: RecipeConfig, workdir: Path, batch_size: int):
     dataset = load_audio_dataset(cfg.data, "train")
     teacher = build_teacher(cfg, dataset)
     _log(f"[{name}] caching targets for {len(dataset)} utterances ...")
-    folder = cache_targets(cfg, workdir / f"cache-{name}", shard_size=len(dataset), teacher=teacher, batch_size=batch_size)
+    # device="cpu": a CPU benchmark; the default (CUDA when present) would move this teacher away.
+    folder = cache_targets(cfg, workdir / f"cache-{name}", shard_size=len(dataset), teacher=teacher,
+                           batch_size=batch_size, device="cpu")
     cache = TargetCache.open(folder, teacher_hash=teacher.config_hash(), layer_ids=teacher.target_layer_ids)
     torch.manual_seed(0)
     return teacher, cache, build_distill_student(cfg, teacher)

@@ -3,7 +3,7 @@
 datasets 5.x decodes `Audio` columns with torchcodec + FFmpeg, and the PyPI torchcodec does not
 import on CPU-only torch. So datasets only ever hands us `{"path", "bytes"}` (`Audio(decode=False)`)
 and everything here works from that: mono, 16 kHz, float32. Nothing in this module knows about
-`datasets`; distill/data.py does the loading and sampling.
+`datasets`; distill/sources.py does the loading and distill/data.py the batching.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ __all__ = [
     "BadAudio",
     "SkipCounter",
     "audio_duration",
+    "header_durations",
     "decode_audio",
     "crop_length",
     "crop_batch",
@@ -106,6 +107,20 @@ def audio_duration(audio: AudioRef) -> float:
     if info.samplerate <= 0:
         raise BadAudio("corrupt", f"{name}: sample rate {info.samplerate}")
     return info.frames / info.samplerate
+
+
+def header_durations(audios: list[AudioRef]) -> dict[str, list]:
+    """{"duration": seconds, "unreadable": BadAudio reason or ""} per item, from headers only
+    (unreadable items get duration 0). Shaped for a batched `datasets.map`."""
+    durations, unreadable = [], []
+    for audio in audios:
+        try:
+            durations.append(audio_duration(audio))
+            unreadable.append("")
+        except BadAudio as err:
+            durations.append(0.0)
+            unreadable.append(err.reason)
+    return {"duration": durations, "unreadable": unreadable}
 
 
 def decode_audio(audio: AudioRef, sampling_rate: int = 16000) -> np.ndarray:

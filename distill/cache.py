@@ -39,12 +39,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from teachers import FusedTeacher, wav2vec_num_frames
-from teachers.fused import CONFIG_NAME, WEIGHTS_NAME
+from teachers import CONFIG_NAME, FusedTeacher, canonical_spec, wav2vec_num_frames
+from teachers.fused import WEIGHTS_NAME
 
 from .audio import HOP, RECEPTIVE_FIELD, BadAudio, decode_audio
 from .build import build_teacher
-from .config import RecipeConfig, TeacherConfig
+from .config import DataConfig, RecipeConfig, TeacherConfig
 from .data import load_audio_dataset
 
 __all__ = ["CacheError", "TargetCache", "cache_targets", "MANIFEST_NAME", "TEACHER_DIR"]
@@ -79,25 +79,27 @@ def cache_targets(
 
     `teacher`: a fitted teacher to use instead of `build_teacher(cfg, ...)`; it is saved to
     out_dir/teacher either way. `batch_size` utterances go through the teacher together (it runs
-    them unpadded). `device` defaults to CUDA when available.
+    them unpadded). `device` (also where the PCA is fitted) defaults to CUDA when available.
+    Streamed datasets are refused: shards follow dataset rows, and training looks targets up by id.
     """
     if shard_size < 1:
         raise CacheError(f"cache {out_dir}: shard_size={shard_size}, expected >= 1")
+    _refuse_streaming(cfg.data, f"cache {out_dir}: cache-targets")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     data = cfg.data
     dataset = load_audio_dataset(data, data.train_split_name)
     if teacher is None:
-        teacher = build_teacher(cfg, dataset, save_dir=out / TEACHER_DIR)
+        teacher = build_teacher(cfg, dataset, save_dir=out / TEACHER_DIR, device=device)
     manifest = _start_manifest(out, teacher, cfg, shard_size)
     teacher.save_pretrained(out / TEACHER_DIR)  # also when reused: keeps the files the manifest hashes
     manifest["teacher_files"] = _teacher_checksums(out / TEACHER_DIR)
-    teacher.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
+    teacher.to(device).eval()
 
     old = {entry["index"]: entry for entry in manifest["shards"]}
     manifest["shards"], seen_ids = [], set()
-    total = len(dataset) if hasattr(dataset, "__len__") else None
-    with tqdm(total=total, unit="utt", desc="cache-targets", disable=None) as bar:
+    with tqdm(total=len(dataset), unit="utt", desc="cache-targets", disable=None) as bar:
         for index, rows in enumerate(_chunks(dataset, shard_size)):
             row_ids = [str(row["id"]) for row in rows]
             _check_unique(out, row_ids, seen_ids, index)
@@ -124,7 +126,7 @@ def _start_manifest(out: Path, teacher: FusedTeacher, cfg: RecipeConfig, shard_s
         "sampling_rate": cfg.data.sampling_rate, "hop_length": HOP, "receptive_field": RECEPTIVE_FIELD,
         "frame_rate": cfg.data.sampling_rate / HOP,
         # Shorter audio gives the teacher no frame; the train loader drops it too.
-        "min_samples": max([RECEPTIVE_FIELD, *(u.min_samples for u in teacher.upstreams)]),
+        "min_samples": teacher.min_samples,
         "dataset": {"name": cfg.data.dataset_name, "config": cfg.data.dataset_config_name,
                     "split": cfg.data.train_split_name},
         "shard_size": shard_size,
@@ -139,6 +141,14 @@ def _start_manifest(out: Path, teacher: FusedTeacher, cfg: RecipeConfig, shard_s
         diff = ", ".join(f"{k}: {_short(existing.get(k))} vs {_short(header[k])}" for k in clashes)
         raise CacheError(f"cache {out}: made for another run ({diff}); use a new folder or delete this one")
     return {**existing, **header, "complete": False}
+
+
+def _refuse_streaming(data_cfg: DataConfig, what: str) -> None:
+    # Training looks targets up by id. A hub dataset without an id column numbers its map-style
+    # rows, while a stream (no row numbers across shards) derives ids from the audio instead.
+    if data_cfg.streaming:
+        raise CacheError(f"{what} needs a map-style dataset (data.streaming=false): cached targets are keyed "
+                         "by map-style row ids, which streamed rows need not have")
 
 
 def _chunks(dataset: Iterable[Mapping[str, Any]], size: int) -> Iterator[list[Mapping[str, Any]]]:
@@ -341,15 +351,19 @@ class TargetCache:
     def num_frames(self, uid: str) -> int:
         return self._lookup(uid)[2]
 
-    def load_teacher(self) -> FusedTeacher:
-        """The teacher the targets were made with (loads every upstream: slow, big)."""
-        return FusedTeacher.from_pretrained(self.teacher_dir)
+    @staticmethod
+    def check_data(data_cfg: DataConfig) -> None:
+        """One-line CacheError when the recipe's data section cannot train from a target cache.
+
+        A staticmethod: call `TargetCache.check_data(cfg.data)` before `open`, which hashes every shard.
+        """
+        _refuse_streaming(data_cfg, f"cache {data_cfg.targets_cache}: data.targets_cache")
 
     def check_recipe(self, teacher_cfg: TeacherConfig) -> None:
         """One-line CacheError when the recipe's teacher section describes another teacher."""
         saved, recipe = self.teacher_config, teacher_cfg
         diffs = []
-        if [_canonical_spec(s) for s in recipe.upstreams] != [_canonical_spec(s) for s in saved["upstreams"]]:
+        if [canonical_spec(s) for s in recipe.upstreams] != [canonical_spec(s) for s in saved["upstreams"]]:
             diffs.append("upstreams")
         diffs += [k for k in _RECIPE_KEYS if getattr(recipe, k) != saved[k]]
         if recipe.target_mode == "chconv" and recipe.projection_dim != saved["projection_dim"]:
@@ -410,10 +424,6 @@ class TargetCache:
         # get_slice reads only the asked frames from the memory-mapped shard.
         return self._handles[shard].get_slice(key)[:, first : first + count, :].float()
 
-    def __getstate__(self) -> dict:
-        # File handles do not pickle (dataloader workers); they reopen lazily.
-        return {**self.__dict__, "_handles": {}}
-
 
 def _read_manifest(folder: Path) -> dict:
     path = folder / MANIFEST_NAME
@@ -444,17 +454,3 @@ def _check_file(folder: Path, relative: Path, expected: str) -> None:
         raise CacheError(f"cache {folder}: {relative} checksum mismatch (expected {expected[:12]}, got {got[:12]}); "
                          "rerun cache-targets")
 
-
-def _canonical_spec(spec: Any) -> Any:
-    # As FusedTeacher stores specs: local folders absolute, configs as plain JSON.
-    if isinstance(spec, (str, Path)):
-        return str(Path(spec).resolve()) if Path(spec).is_dir() else str(spec)
-    return _plain(spec)
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
-        return [_plain(v) for v in value]
-    return value

@@ -32,6 +32,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from students import normalize_waveforms
+
 __all__ = [
     "Cost", "CostJob", "count_params", "count_gflops", "time_forwards", "measure_jobs", "measure_cost", "sum_costs",
     "ratios", "cost_table", "audio_encoder_job", "whisper_encoder_job", "student_job", "fused_teacher_job",
@@ -191,8 +193,10 @@ def audio_encoder_job(name: str, model: nn.Module, wave: torch.Tensor, note: str
 def student_job(name: str, model: nn.Module, wave: torch.Tensor, note: str = "stock HF encoder") -> CostJob:
     """A shipped student (stock HubertModel/WavLMModel/Wav2Vec2Model, heads dropped) on audio
     normalised as its exported Wav2Vec2FeatureExtractor does (outside the timed forward)."""
-    normalised = (wave - wave.mean()) / torch.sqrt(wave.var(unbiased=False) + 1e-7)
-    return audio_encoder_job(name, model, normalised, note)
+    if wave.dim() != 1:
+        raise ValueError(f"student_job {name}: expected one 1-D waveform, got shape {tuple(wave.shape)}")
+    normalised, _ = normalize_waveforms(wave[None], torch.tensor([wave.numel()]))
+    return audio_encoder_job(name, model, normalised[0], note)
 
 
 def whisper_encoder_job(name: str, model: nn.Module, wave: torch.Tensor, include_log_mel: bool = False) -> CostJob:

@@ -1,9 +1,7 @@
-"""Speech data for distillation: any source -> `{"id", "audio", text?, label?}` -> padding-free batches.
+"""Speech data for distillation: rows `{"id", "audio", text?, label?}` -> padding-free batches.
 
-Sources (`DataConfig.dataset_name`): a hub dataset id (or a local folder of parquet/arrow shards
-laid out like a hub repo), a folder of audio files (with an optional metadata.csv/.jsonl), or a
-CSV/JSONL manifest. Audio stays `{"path", "bytes"}` (`datasets.Audio(decode=False)`) and is
-decoded with soundfile + soxr in the loader workers (distill/audio.py), never with torchcodec.
+`load_audio_dataset` (distill/sources.py, re-exported here) loads a hub dataset, an audio folder
+or a manifest; audio is decoded with soundfile + soxr in the loader workers (distill/audio.py).
 
 Training batches hold no padding (group-norm teachers change under zero padding even with an
 attention mask): utterances are length-bucketed and every batch is cropped to one common length
@@ -12,23 +10,19 @@ of 320 n + 80 samples, i.e. exactly n wav2vec frames, starting on multiples of 3
 
 from __future__ import annotations
 
-import ast
-import csv
-import json
 import logging
-import re
 from collections import Counter
 from collections.abc import Iterator, Mapping
-from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import datasets
 import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Sampler
 
-from .audio import RECEPTIVE_FIELD, BadAudio, SkipCounter, audio_duration, crop_batch, crop_length, decode_audio
-from .config import DataConfig, RecipeError
+from .audio import RECEPTIVE_FIELD, BadAudio, SkipCounter, crop_batch, crop_length, decode_audio, header_durations
+from .config import DataConfig
+from .sources import AnyDataset, DataError, load_audio_dataset
 
 __all__ = [
     "DataError",
@@ -43,209 +37,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
-METADATA_NAMES = ("metadata.csv", "metadata.jsonl")
-AUDIO_FALLBACKS = ("file_name", "path")  # manifest columns tried after audio_column_name
-
-AnyDataset = Union[datasets.Dataset, datasets.IterableDataset]
-
-
-class DataError(RecipeError):
-    """A data source that cannot be used as configured; the message is one line."""
-
-
-# --------------------------------------------------------------------------- loading
-
-
-def load_audio_dataset(data_cfg: DataConfig, split: str) -> AnyDataset:
-    """Load one split with canonical columns `id`, `audio` ({"path", "bytes"}), `text`, `label`.
-
-    `text`/`label` are kept when the configured columns exist. Map-style datasets also get a
-    `duration` column (seconds, from file headers) and lose utterances that are unreadable or
-    outside [min, max]_duration_in_seconds; what was dropped is counted and logged.
-    """
-    source = Path(data_cfg.dataset_name).expanduser().resolve()  # absolute: workers may chdir
-    if source.is_file():
-        ds = _from_manifest(source, split, data_cfg)
-    elif source.is_dir() and _folder_has_audio(source):
-        ds = _from_folder(source, split, data_cfg)
-    else:
-        return _from_hub(data_cfg, split)
-    if data_cfg.streaming:
-        # One shard per loader worker, so each worker streams its own part.
-        stream = ds.to_iterable_dataset(num_shards=max(1, min(len(ds), data_cfg.dataloader_num_workers)))
-        return _undecoded_audio(stream, "audio")
-    return _filter_by_duration(ds, data_cfg, f"{data_cfg.dataset_name}[{split}]")
-
-
-def _folder_has_audio(folder: Path) -> bool:
-    return any((folder / name).is_file() for name in METADATA_NAMES) or bool(_audio_files(folder))
-
-
-def _audio_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())
-
-
-def _from_folder(folder: Path, split: str, cfg: DataConfig) -> datasets.Dataset:
-    for name in METADATA_NAMES:
-        if (folder / name).is_file():
-            return _from_manifest(folder / name, split, cfg)
-    _check_split(split, ["train"], folder)  # a bare folder of audio is one "train" split
-    files = _audio_files(folder)
-    rows = {"id": [_utterance_id(p.relative_to(folder)) for p in files], "audio": [str(p) for p in files]}
-    return datasets.Dataset.from_dict(rows).cast_column("audio", datasets.Audio(decode=False))
-
-
-def _from_manifest(manifest: Path, split: str, cfg: DataConfig) -> datasets.Dataset:
-    rows = _read_rows(manifest)
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    audio_col = _audio_column(columns, cfg.audio_column_name, manifest)
-    if "split" in columns:
-        _check_split(split, sorted({str(row.get("split")) for row in rows}), manifest)
-        rows = [row for row in rows if str(row.get("split")) == split]
-    else:
-        _check_split(split, ["train"], manifest)
-    for index, row in enumerate(rows):
-        rel = str(row.get(audio_col) or "")
-        if row.get("id") in (None, ""):
-            row["id"] = _utterance_id(Path(rel)) if rel else f"row{index:06d}"
-        row["id"] = str(row["id"])
-        row[audio_col] = str(manifest.parent / rel) if rel else ""  # absolute paths stay absolute
-    ds = datasets.Dataset.from_list(rows)
-    return _canonical(ds, cfg, audio_col, ds.column_names, str(manifest))
-
-
-def _read_rows(manifest: Path) -> list[dict]:
-    suffix = manifest.suffix.lower()
-    if suffix not in (".csv", ".jsonl", ".json"):
-        raise DataError(f"{manifest}: expected a .csv or .jsonl manifest, an audio folder or a hub dataset id")
-    with open(manifest, encoding="utf-8", newline="") as fh:
-        if suffix == ".csv":
-            return [dict(row) for row in csv.DictReader(fh)]
-        rows = []
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise DataError(f"{manifest}:{lineno}: not JSON lines ({err.msg})") from None
-        return rows
-
-
-def _from_hub(cfg: DataConfig, split: str) -> AnyDataset:
-    name = cfg.dataset_name
-    try:
-        ds = datasets.load_dataset(name, cfg.dataset_config_name, split=split, streaming=cfg.streaming)
-    except ValueError as err:
-        match = re.search(r"Unknown split \"(.*)\"\. Should be one of (\[.*\])", str(err))
-        if not match:
-            raise
-        raise DataError(f"{name}: unknown split {split!r}; available: {', '.join(ast.literal_eval(match[2]))}") from None
-    except (FileNotFoundError, ConnectionError) as err:  # DatasetNotFoundError is a FileNotFoundError
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise DataError(f"{name}: not an audio folder or manifest, and load_dataset failed: {reason}") from None
-    columns = ds.column_names
-    if columns is None:  # streaming with unknown features: the first raw row names them
-        columns = list(next(iter(ds)).keys())
-    if cfg.audio_column_name not in columns:
-        raise DataError(f"{name}: no audio column {cfg.audio_column_name!r}; columns: {', '.join(columns)}")
-    ds = _canonical(ds, cfg, cfg.audio_column_name, columns, name)
-    if "id" not in columns and cfg.streaming:
-        ds = ds.map(_index_id, with_indices=True, fn_kwargs={"prefix": split})
-    elif "id" not in columns:  # add_column, not map: map would rewrite every audio byte
-        ds = ds.add_column("id", [f"{split}-{i:08d}" for i in range(len(ds))])
-    return ds if cfg.streaming else _filter_by_duration(ds, cfg, f"{name}[{split}]")
-
-
-def _index_id(row: dict, index: int, prefix: str) -> dict:
-    return {"id": f"{prefix}-{index:08d}"}
-
-
-def _canonical(ds: AnyDataset, cfg: DataConfig, audio_col: str, columns: list[str], source: str) -> AnyDataset:
-    """Keep id/audio/text/label under canonical names; drop the rest (it would ride every batch)."""
-    keep = {"id": "id"} if "id" in columns else {}
-    keep[audio_col] = "audio"
-    for name, canon in ((cfg.text_column_name, "text"), (cfg.label_column_name, "label")):
-        if name and name in columns:
-            keep[name] = canon
-        elif name:
-            logger.info("%s: no %r column, continuing without %s", source, name, canon)
-    ds = _undecoded_audio(ds, audio_col)
-    ds = ds.select_columns(list(keep))
-    return ds.rename_columns({old: new for old, new in keep.items() if old != new})
-
-
-def _undecoded_audio(ds: AnyDataset, column: str) -> AnyDataset:
-    """Make the audio column yield {"path", "bytes"} without ever touching torchcodec.
-
-    Done first, because a streamed dataset replays every later step through its features. Map-style:
-    Audio(decode=False). Streamed: even Audio(decode=False) fails, since python-level steps (shuffle
-    buffer, map) re-encode rows with Audio.encode_example, which imports torchcodec; so an Audio
-    column becomes the plain struct it is stored as. A string column stays a path; unknown
-    features mean raw rows.
-    """
-    if isinstance(ds, datasets.Dataset):
-        return ds.cast_column(column, datasets.Audio(decode=False))
-    if ds.features is not None and isinstance(ds.features.get(column), datasets.Audio):
-        return ds.cast_column(column, {"bytes": datasets.Value("binary"), "path": datasets.Value("string")})
-    return ds
-
-
-def _audio_column(columns: list[str], wanted: str, source: Path) -> str:
-    for name in (wanted, *AUDIO_FALLBACKS):
-        if name in columns:
-            return name
-    tried = "/".join(AUDIO_FALLBACKS)
-    raise DataError(f"{source}: no audio column {wanted!r} (nor {tried}); columns: {', '.join(columns) or 'none'}")
-
-
-def _check_split(split: str, available: list[str], source: Union[str, Path]) -> None:
-    if split not in available:
-        raise DataError(f"{source}: unknown split {split!r}; available: {', '.join(available)}")
-
-
-def _utterance_id(relative: Path) -> str:
-    # The relative path without suffix: unique where bare stems (spk1/001, spk2/001) are not.
-    return relative.with_suffix("").as_posix()
-
-
-def _filter_by_duration(ds: datasets.Dataset, cfg: DataConfig, source: str) -> datasets.Dataset:
-    # Map to a two-column side table and join it: mapping in place would copy every audio byte.
-    info = ds.map(
-        _header_durations, batched=True, input_columns=["audio"], remove_columns=ds.column_names, desc="audio headers"
-    )
-    reasons = list(info["unreadable"])
-    for i, seconds in enumerate(info["duration"]):
-        if not reasons[i] and seconds == 0:
-            reasons[i] = "empty"
-        elif not reasons[i] and seconds < cfg.min_duration_in_seconds:
-            reasons[i] = "too_short"
-        elif not reasons[i] and seconds > cfg.max_duration_in_seconds:
-            reasons[i] = "too_long"
-    ds = datasets.concatenate_datasets([ds, info.select_columns(["duration"])], axis=1)
-    skipped = SkipCounter()
-    for reason in filter(None, reasons):
-        skipped.add(reason)
-    if skipped.total:
-        ds = ds.select([i for i, reason in enumerate(reasons) if not reason])
-        logger.warning("%s: %s; %d left", source, skipped.summary(), len(ds))
-    hours = float(np.sum(ds["duration"])) / 3600 if len(ds) else 0.0
-    logger.info("%s: %d utterances, %.2f h", source, len(ds), hours)
-    return ds
-
-
-def _header_durations(audios: list[dict]) -> dict[str, list]:
-    durations, unreadable = [], []
-    for audio in audios:
-        try:
-            durations.append(audio_duration(audio))
-            unreadable.append("")
-        except BadAudio as err:
-            durations.append(0.0)
-            unreadable.append(err.reason)
-    return {"duration": durations, "unreadable": unreadable}
 
 
 # --------------------------------------------------------------------------- decoding rows
@@ -355,7 +146,12 @@ class _CropCollate:
 
 
 class _StreamingBuckets(torch.utils.data.IterableDataset):
-    """Streaming: decode `bucket_size` utterances, sort them by length, emit cropped batches."""
+    """Streaming: decode `bucket_size` utterances, sort them by length, emit cropped batches.
+
+    A bucket's skip counts ride on its first batch. Skips after the last bucket join the worker's
+    last batch, so only a worker that kept nothing at all yields an empty batch (B = 0, with its
+    skip counts).
+    """
 
     def __init__(
         self, dataset: datasets.IterableDataset, cfg: DataConfig, batch_size: int, seed: int, min_samples: int, epoch: int
@@ -369,6 +165,19 @@ class _StreamingBuckets(torch.utils.data.IterableDataset):
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[dict]:
+        held = None  # each batch waits for the next, so a trailing B = 0 batch can fold into it
+        for batch in self._bucket_batches():
+            if held is not None and not batch["ids"]:
+                held["skipped"] = dict(Counter(held["skipped"]) + Counter(batch["skipped"]))
+                continue
+            if held is not None:
+                yield held
+            held = batch
+        if held is not None:
+            yield held
+
+    def _bucket_batches(self) -> Iterator[dict]:
+        """Every batch holds items, but the last one may be B = 0: skips after the last bucket."""
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
         self.dataset.set_epoch(self.epoch)
@@ -382,16 +191,18 @@ class _StreamingBuckets(torch.utils.data.IterableDataset):
             if len(buffer) >= self.cfg.bucket_size:
                 yield from self._emit(buffer, skipped, (worker, bucket_index))
                 buffer, skipped, bucket_index = [], Counter(), bucket_index + 1
-        if buffer or skipped:
+        if buffer:
             yield from self._emit(buffer, skipped, (worker, bucket_index))
+        elif skipped:
+            yield crop_batch([], [], np.random.default_rng(0), _max_crop(self.cfg), dict(skipped))
 
     def _emit(self, buffer: list, skipped: Counter, tag: tuple[int, int]) -> Iterator[dict]:
         rng = np.random.default_rng([self.seed % 2**32, self.epoch, *tag])
         buffer.sort(key=lambda pair: len(pair[1]))
-        chunks = [buffer[i : i + self.batch_size] for i in range(0, len(buffer), self.batch_size)] or [[]]
+        chunks = [buffer[i : i + self.batch_size] for i in range(0, len(buffer), self.batch_size)]
         for k, chunk_index in enumerate(rng.permutation(len(chunks))):
-            ids, waves = zip(*chunks[chunk_index]) if chunks[chunk_index] else ((), ())
-            # The bucket's skip counts ride on its first batch, so the trainer counts them once.
+            ids, waves = zip(*chunks[chunk_index])
+            # The skip counts ride on the bucket's first batch, so the trainer counts them once.
             yield crop_batch(list(ids), list(waves), rng, _max_crop(self.cfg), dict(skipped) if k == 0 else {})
 
 
@@ -408,7 +219,8 @@ def make_train_dataloader(
     Yields {"waveforms" float32 (B, S), "lengths" long (B,) all == S, "ids" list[str],
     "starts" long (B,) crop start sample, "skipped" {reason: count}} with S = 320 n + 80 <=
     min(max_crop_seconds * sr, shortest item). Unreadable items and items shorter than
-    `min_samples` are dropped and counted; a batch may be empty (B = 0).
+    `min_samples` are dropped and counted; a batch may be empty (B = 0): map-style when all its
+    items were dropped, streamed only when a loader worker kept nothing at all.
 
     Map-style datasets use a batch sampler, so accelerate.prepare and skip_first_batches work;
     call `loader.set_epoch(epoch)` (on the prepared loader too) before iterating an epoch.
@@ -428,7 +240,7 @@ def make_train_dataloader(
     if "duration" in dataset.column_names:
         durations = dataset["duration"]
     else:  # a dataset built elsewhere: unreadable rows sort first and are counted when decoded
-        durations = _header_durations(list(dataset["audio"]))["duration"]
+        durations = header_durations(list(dataset["audio"]))["duration"]
     sampler = LengthBucketSampler(durations, batch_size, data_cfg.bucket_size, seed, epoch)
     return DataLoader(
         _DecodedRows(dataset, data_cfg.sampling_rate, min_samples),

@@ -92,6 +92,7 @@ def train(cfg: RecipeConfig, resume_from: str | None = None) -> Path:
     if streaming:  # each rank streams its own part; Accelerate cannot dispatch string ids
         train_set = split_dataset_by_node(train_set, rank=accelerator.process_index, world_size=accelerator.num_processes)
     if cfg.data.targets_cache:  # targets precomputed by `cache-targets`: no teacher forward
+        TargetCache.check_data(cfg.data)  # cached targets are keyed by map-style row ids
         with accelerator.main_process_first():  # rank 0 hashes every shard; the others open after it
             cache = TargetCache.open(cfg.data.targets_cache, layer_ids=cfg.teacher.target_layers, verify=accelerator.is_main_process)
         cache.check_recipe(cfg.teacher)

@@ -121,20 +121,29 @@ def test_crops_are_slices_of_whole_utterance_targets(cached, corpus):
     torch.testing.assert_close(crops[:, 1], full[:, 10:30], rtol=2e-3, atol=2e-3 * full.abs().max().item())
 
 
-def test_train_loader_batches_get_aligned_targets(cached):
-    cfg, out, _ = cached
+def test_train_loader_batches_get_aligned_targets(cached, corpus):
+    """Each crop's targets are the online teacher's targets of the WHOLE utterance at the crop's
+    frames (start // 320 onwards), up to float16 rounding: checked against the teacher, not
+    against cache.targets (which is how crops reads them)."""
+    cfg, out, teacher = cached
     cache = TargetCache.open(out, verify=False)
+    assert cache.min_samples == teacher.min_samples
     dataset = load_audio_dataset(cfg.data, "train")
     loader = make_train_dataloader(dataset, cfg.data, batch_size=2, seed=3, min_samples=cache.min_samples)
-    seen = 0
+    whole = {uid: teacher.targets([_wave(corpus, uid)]).layers[:, 0] for uid in FRAMES}
+    seen, starts = 0, set()
     for batch in loader:
         n = (batch["waveforms"].shape[1] - 80) // 320
         targets = cache.add_targets(batch)["targets"]
         assert targets.shape == (3, len(batch["ids"]), n, 64)
         for b, (uid, start) in enumerate(zip(batch["ids"], batch["starts"].tolist())):
-            assert torch.equal(targets[:, b], cache.targets(uid)[:, start // 320 : start // 320 + n])
+            expected = whole[uid][:, start // 320 : start // 320 + n]
+            scale = expected.abs().max().item()
+            torch.testing.assert_close(targets[:, b], expected, rtol=2e-3, atol=2e-3 * scale)
             seen += 1
+            starts.add(start)
     assert seen == len(FRAMES)  # "short" is dropped by the loader too
+    assert starts != {0}  # some crop starts inside its utterance, so the frame offset is exercised
 
 
 def test_manifest_records_teacher_shards_and_skips(cached):
@@ -234,6 +243,20 @@ def test_wrong_teacher_or_layers_are_one_line_errors(cached):
     cache = TargetCache.open(out, teacher_hash=teacher.config_hash(), layer_ids=[1, 2, 3])
     other = _demo_recipe(Path(cfg.data.dataset_name), **{"teacher.dtype": "bfloat16", "teacher.target_layers": "[2,3]"})
     _one_line_error("differs from the recipe's in dtype, target_layers", cache.check_recipe, other.teacher)
+
+
+def test_streaming_is_refused(cached, tmp_path):
+    """The cache is keyed by map-style row ids; a stream (whose ids may differ) cannot use it."""
+    cfg, out, _ = cached
+    streamed = _demo_recipe(Path(cfg.data.dataset_name), **{"data.streaming": "true", "data.targets_cache": str(out)})
+    message = _one_line_error("needs a map-style dataset", cache_targets, streamed, tmp_path / "new")
+    assert message.startswith(f"cache {tmp_path / 'new'}: cache-targets needs a map-style dataset (data.streaming=false)")
+    assert not (tmp_path / "new").exists()  # refused before loading data or building a teacher
+    message = _one_line_error("needs a map-style dataset", TargetCache.check_data, streamed.data)
+    assert message.startswith(f"cache {out}: data.targets_cache needs a map-style dataset (data.streaming=false)")
+    cache = TargetCache.open(out, verify=False)
+    _one_line_error("needs a map-style dataset", cache.check_data, streamed.data)  # on an opened cache too
+    cache.check_data(_demo_recipe(Path(cfg.data.dataset_name), **{"data.targets_cache": str(out)}).data)
 
 
 def test_unknown_ids_and_off_grid_crops_are_refused(cached):

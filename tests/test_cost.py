@@ -59,6 +59,34 @@ def test_tiny_hubert_cost_params_and_flops_scale_with_audio():
     assert _cost(student_job("student", model, make_wave(1.0))).gflops == pytest.approx(short.gflops)
 
 
+class _Recorder(nn.Module):
+    """Stands in for a student: keeps what it was fed."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1))
+        self.inputs = []
+
+    def forward(self, input_values):
+        self.inputs.append(input_values)
+        return input_values * self.weight
+
+
+def test_student_job_feeds_what_the_exported_preprocessor_gives():
+    from transformers import Wav2Vec2FeatureExtractor
+
+    wave = 3.0 * make_wave(1.0) + 0.5  # loud and off-centre: normalisation visibly matters
+    model = _Recorder()
+    student_job("student", model, wave).forward()
+    extractor = Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=True)
+    expected = extractor(wave.numpy(), sampling_rate=16000, return_tensors="pt").input_values
+    [fed] = model.inputs
+    assert fed.shape == (1, wave.numel()) and fed.dtype == torch.float32
+    torch.testing.assert_close(fed, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="expected one 1-D waveform"):
+        student_job("student", model, wave[None])
+
+
 def test_sdpa_and_eager_attention_count_the_same():
     wave = make_wave(1.0)
     counts = [_cost(audio_encoder_job(impl, _tiny("hubert", attn_implementation=impl), wave)).gflops for impl in ("eager", "sdpa")]

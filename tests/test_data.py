@@ -7,6 +7,7 @@ from the repository.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -18,6 +19,7 @@ import soundfile as sf
 import soxr
 import torch
 from accelerate.data_loader import prepare_data_loader, skip_first_batches
+from datasets.distributed import split_dataset_by_node
 
 from distill.config import DataConfig
 from distill.data import (
@@ -147,7 +149,7 @@ def test_manifest_resolves_relative_paths_and_filters(corpus, suffix, caplog):
     rows = [{"path": n, "text": f"utterance {i}", "label": "a" if i % 2 else "b"} for i, n in enumerate(names)]
     manifest = corpus / f"manifest{suffix}"
     _write_manifest(manifest, rows)
-    with caplog.at_level(logging.INFO, logger="distill.data"):
+    with caplog.at_level(logging.INFO, logger="distill.sources"):
         ds = load_audio_dataset(_cfg(manifest), "train")
     assert ds.column_names == ["id", "audio", "text", "label", "duration"]
     assert list(ds["id"]) == ["clips/good1", "clips/good5"]
@@ -217,9 +219,51 @@ def test_hub_style_parquet_folder(tmp_path, monkeypatch):
     stream_cfg = _cfg(tmp_path / "repo", audio_column_name="speech", text_column_name="sentence", streaming=True)
     stream = load_audio_dataset(stream_cfg, "train")
     batches = list(make_train_dataloader(stream, stream_cfg, batch_size=2, seed=0))
-    assert sorted(uid for b in batches for uid in b["ids"]) == list(ds["id"])
+    # Streamed rows without an id column are named by their audio (basename + sha1 of the bytes).
+    expected = [f"clip{i}-{hashlib.sha1(p['bytes']).hexdigest()[:8]}" for i, p in enumerate(payloads)]
+    assert sorted(uid for b in batches for uid in b["ids"]) == expected
     evaluated = list(make_eval_batches(stream, stream_cfg, batch_size=2))
     assert [b["texts"] for b in evaluated] == [["a", "b"], ["c"]]
+
+
+def _hub_repo(root: Path, payloads: list[dict], shards: int) -> Path:
+    """A local folder laid out like a hub dataset repo: `shards` parquet files, audio embedded."""
+    table = datasets.Dataset.from_dict({"audio": payloads}).cast_column("audio", datasets.Audio())
+    per = -(-len(payloads) // shards)
+    for k in range(shards):
+        shard = root / "data" / f"train-{k:05d}-of-{shards:05d}.parquet"
+        table.select(range(k * per, min(len(payloads), (k + 1) * per))).to_parquet(str(shard))
+    return root
+
+
+def test_streamed_hub_ids_are_unique_and_stable(tmp_path, monkeypatch):
+    """No id column, streamed: ids come from the rows, not from per-shard row numbers, so two
+    ranks of a split and every shuffle see each utterance under one id, and only once."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)
+    payloads = []
+    for i in range(8):
+        sf.write(tmp_path / "clip.wav", _tone(0.5 + i / 8, seed=i), SR)
+        # Two speakers' "001.wav" (hub parquet keeps basenames only) and one clip with no path.
+        path = None if i == 7 else ("001.wav" if i in (2, 5) else f"clip{i}.wav")
+        payloads.append({"bytes": (tmp_path / "clip.wav").read_bytes(), "path": path})
+    cfg = _cfg(_hub_repo(tmp_path / "repo", payloads, shards=2), streaming=True)
+    stream = load_audio_dataset(cfg, "train")
+    assert stream.n_shards == 2
+    ids = [row["id"] for row in stream]
+    digests = [hashlib.sha1(p["bytes"]).hexdigest() for p in payloads]
+    assert ids[:2] == [f"clip0-{digests[0][:8]}", f"clip1-{digests[1][:8]}"]
+    assert ids[2] == f"001-{digests[2][:8]}" != ids[5] and ids[7] == f"sha1-{digests[7][:16]}"
+    assert len(set(ids)) == 8
+    ranks = [[row["id"] for row in split_dataset_by_node(stream, rank=r, world_size=2)] for r in range(2)]
+    assert not set(ranks[0]) & set(ranks[1]) and sorted(ranks[0] + ranks[1]) == sorted(ids)
+    for epoch in range(2):
+        shuffled = stream.shuffle(seed=0, buffer_size=3)
+        shuffled.set_epoch(epoch)
+        assert sorted(row["id"] for row in shuffled) == sorted(ids)
+    assert [row["id"] for row in load_audio_dataset(cfg, "train")] == ids  # stable across loads
+    batches = list(make_train_dataloader(stream, cfg, batch_size=3, seed=0))
+    assert sorted(uid for b in batches for uid in b["ids"]) == sorted(ids)
 
 
 def test_unknown_hub_dataset_is_one_line():
@@ -350,6 +394,37 @@ def test_streaming_buckets(corpus):
     assert sorted(uid for b in batches for uid in b["ids"]) == sorted(f"good{i}" for i in range(1, 8)) + ["stereo44k"]
     _check_crops(batches, load_audio_dataset(_cfg(corpus / "clips"), "train"), max_crop=64000)
     assert _signature(batches) == _signature(make_train_dataloader(stream, cfg, batch_size=2, seed=0))
+
+
+def _stream_of(paths: list[str], shards: int = 1) -> datasets.IterableDataset:
+    return _raw_dataset(paths).to_iterable_dataset(num_shards=shards)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_streaming_skips_after_the_last_bucket_ride_on_a_real_batch(corpus, seed):
+    """Bad files after the last full bucket used to come out as a B=0 batch of their own."""
+    good = sorted(str(p) for p in (corpus / "clips").glob("good*.wav"))[:4]  # two full buckets, none left
+    bad = _good_and_bad(corpus)[-5:]
+    cfg = _cfg(corpus, streaming=True, bucket_size=2, min_duration_in_seconds=0.0)
+    batches = list(make_train_dataloader(_stream_of(good + bad), cfg, batch_size=2, seed=seed))
+    assert all(len(b["ids"]) for b in batches)
+    assert sorted(uid for b in batches for uid in b["ids"]) == sorted(Path(p).stem for p in good)
+    counter = SkipCounter()
+    for batch in batches:
+        counter.add(batch["skipped"])
+    assert counter.counts == {"corrupt": 1, "empty": 1, "missing": 1, "non_finite": 1, "too_short": 1}
+
+
+def test_streaming_worker_that_keeps_nothing_reports_its_skips(corpus):
+    good = sorted(str(p) for p in (corpus / "clips").glob("good*.wav"))[:4]
+    bad = _good_and_bad(corpus)[-5:-1]  # corrupt, empty, nan, short: the second worker's whole shard
+    cfg = _cfg(corpus, streaming=True, bucket_size=2, min_duration_in_seconds=0.0, dataloader_num_workers=2)
+    batches = list(make_train_dataloader(_stream_of(good + bad, shards=2), cfg, batch_size=2, seed=0))
+    assert [len(b["ids"]) for b in batches].count(0) == 1 and len(batches) == 3
+    [empty] = [b for b in batches if not b["ids"]]
+    assert empty["skipped"] == {"corrupt": 1, "empty": 1, "non_finite": 1, "too_short": 1}
+    assert empty["waveforms"].shape == (0, 0) and empty["starts"].shape == (0,)
+    assert sorted(uid for b in batches for uid in b["ids"]) == sorted(Path(p).stem for p in good)
 
 
 def test_eval_batches_pad_whole_utterances():
