@@ -7,6 +7,7 @@ same objects from the same recipe.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator
@@ -14,13 +15,13 @@ from typing import Iterator
 import torch
 
 from students import DistillStudent, PredictionHeads, build_student, build_student_config, init_from_upstream
-from teachers import CONFIG_NAME, FusedTeacher, load_upstream
+from teachers import CONFIG_NAME, FusedTeacher, Upstream, load_upstream
 
-from .config import RecipeConfig
 from .audio import RECEPTIVE_FIELD
+from .config import RecipeConfig
 from .data import BadAudio, decode_audio
 
-__all__ = ["build_teacher", "build_distill_student", "student_config", "pca_waveforms"]
+__all__ = ["build_teacher", "build_distill_student", "student_config", "pca_waveforms", "single_upstream_teacher", "upstream_names"]
 
 logger = logging.getLogger(__name__)
 
@@ -117,3 +118,38 @@ def student_config(cfg: RecipeConfig):
         for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "conv_dim", "feat_extract_norm")
     }
     return build_student_config(s.arch, s.preset, **overrides)
+
+
+def single_upstream_teacher(teacher: FusedTeacher, index: int, fit: bool = False) -> FusedTeacher:
+    """Upstream `index` of `teacher` alone, behind the teacher's own front half (frame alignment
+    to the wav2vec grid, per-layer normalisation); it shares the loaded module.
+
+    fit=False: no projection (concatenation, weighted sum): exactly the features this upstream
+    contributes to the fusion, to probe; Whisper needs no separate extractor. fit=True: the
+    teacher's fusion settings over this upstream (projection width capped at its width), with a
+    supervised projection to train, for a like-for-like comparison with the fused fit.
+    """
+    upstream, spec = teacher.upstreams[index], teacher.specs[index]
+    if not fit:
+        return FusedTeacher([upstream], specs=[spec], fusion="weighted_sum", projection_dim=None,
+                            projection_fit="none", target_mode="concat", normalize=teacher.normalize)
+    projection_dim = teacher.projection_dim
+    if teacher.target_mode == "chconv" and projection_dim:
+        projection_dim = min(int(projection_dim), upstream.hidden_size)
+    return FusedTeacher([upstream], specs=[spec], fusion=teacher.fusion, projection_dim=projection_dim,
+                        projection_fit="supervised", normalize=teacher.normalize, target_mode=teacher.target_mode)
+
+
+def upstream_names(teacher: FusedTeacher) -> list[str]:
+    """Table names of the teacher's upstreams: local folders by their last part, hub ids and
+    random-init configs as they are; repeats of one name get a position suffix ("name #1")."""
+    names = [_upstream_name(u) for u in teacher.upstreams]
+    counts = Counter(names)
+    return [f"{n} #{i}" if counts[n] > 1 else n for i, n in enumerate(names)]
+
+
+def _upstream_name(upstream: Upstream) -> str:
+    # Saved specs hold local folders as absolute paths (a moved folder is no longer a dir, hence
+    # is_absolute); a relative folder given directly is a dir.
+    path = Path(upstream.name)
+    return path.name if path.is_absolute() or path.is_dir() else upstream.name

@@ -40,14 +40,14 @@ from students import DistillStudent
 from teachers import FusedTeacher, frame_mask
 
 from .audio import RECEPTIVE_FIELD
-from .build import build_distill_student
+from .build import build_distill_student, single_upstream_teacher, upstream_names
 from .checkpoint import find_checkpoint
 from .config import DataConfig, load_recipe
 from .cost import Cost, audio_encoder_job, fused_teacher_job, measure_jobs, ratios, student_job, whisper_encoder_job
 from .data import load_audio_dataset, make_eval_batches
 # The format_* helpers are re-exported here: `evaluate` and its tables are one surface for the CLI.
 from .plots import format_cost, format_probes, format_report, format_similarity, plot_layer_similarity
-from .probe import ProbeTask, hf_encoder_extractor, run_probe, single_upstream_teacher, teacher_extractor, upstream_names
+from .probe import ProbeTask, hf_encoder_extractor, run_probe, teacher_extractor
 
 __all__ = [
     "EvalTarget", "load_target", "evaluate", "prediction_similarity", "probe_all", "cost_all",

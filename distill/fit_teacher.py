@@ -11,7 +11,7 @@ builds it (distill.build.build_teacher) and produces targets without refitting.
 
 For the comparison each upstream is also fitted alone: a one-upstream FusedTeacher with the same
 fusion settings (projection width capped at that upstream's width), the same head, steps and seed
-(`distill.probe.single_upstream_teacher(..., fit=True)`). It shares the already loaded upstream
+(`distill.build.single_upstream_teacher(..., fit=True)`). It shares the already loaded upstream
 module, so nothing is loaded twice, but its features are computed again (its own layer alignment
 differs from the fused one).
 
@@ -35,9 +35,10 @@ import torch
 
 from teachers import FusedTeacher
 
+from .build import single_upstream_teacher, upstream_names
 from .config import DataConfig, RecipeConfig
 from .data import load_audio_dataset, make_eval_batches
-from .probe import ProbeResult, ProbeTask, run_probe, single_upstream_teacher, teacher_extractor, upstream_names
+from .probe import ProbeResult, ProbeTask, run_probe, teacher_extractor
 
 __all__ = ["fit_teacher", "REPORT_NAME", "DEFAULT_MAX_ITEMS", "DEFAULT_MAX_DEV_ITEMS"]
 

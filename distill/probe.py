@@ -17,18 +17,12 @@ and the interface (the fused teacher's projection) is a `transform` run on the c
 Labels: column `c` is read from `batch[c + "s"]` (make_eval_batches' "texts"/"labels") or `batch[c]`;
 `ProbeTask.from_batches` takes the vocabulary from the (capped) training batches themselves, so
 nothing beyond what the probe trains on is ever read.
-
-Single upstreams: `single_upstream_teacher(teacher, i)` puts one upstream of a fused teacher behind
-the same front half (shared module, nothing loaded twice); `upstream_names(teacher)` names them
-for tables (evaluate's probes and cost rows, fit-teacher's comparison).
 """
 
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
@@ -36,11 +30,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from students import normalize_waveforms
-from teachers import FusedTeacher, HConv, Upstream, WeightedSum, frame_mask
+from teachers import FusedTeacher, HConv, WeightedSum, frame_mask
 from teachers.upstream import _wants_normalised
 
+from .metrics import error_rate
+
 __all__ = ["ProbeTask", "ProbeResult", "Extractor", "run_probe", "hf_encoder_extractor", "teacher_extractor",
-           "wants_normalised", "single_upstream_teacher", "upstream_names", "edit_distance", "error_rate"]
+           "wants_normalised"]
 
 logger = logging.getLogger(__name__)
 
@@ -186,66 +182,6 @@ def wants_normalised(model: nn.Module) -> bool:
     config = getattr(model, "config", None)
     source = str(getattr(config, "_name_or_path", "") or "") or None
     return _wants_normalised(config, source)
-
-
-# --------------------------------------------------------------------------- single upstreams
-
-
-def single_upstream_teacher(teacher: FusedTeacher, index: int, fit: bool = False) -> FusedTeacher:
-    """Upstream `index` of `teacher` alone, behind the teacher's own front half (frame alignment
-    to the wav2vec grid, per-layer normalisation); it shares the loaded module.
-
-    fit=False: no projection (concatenation, weighted sum): exactly the features this upstream
-    contributes to the fusion, to probe; Whisper needs no separate extractor. fit=True: the
-    teacher's fusion settings over this upstream (projection width capped at its width), with a
-    supervised projection to train, for a like-for-like comparison with the fused fit.
-    """
-    upstream, spec = teacher.upstreams[index], teacher.specs[index]
-    if not fit:
-        return FusedTeacher([upstream], specs=[spec], fusion="weighted_sum", projection_dim=None,
-                            projection_fit="none", target_mode="concat", normalize=teacher.normalize)
-    projection_dim = teacher.projection_dim
-    if teacher.target_mode == "chconv" and projection_dim:
-        projection_dim = min(int(projection_dim), upstream.hidden_size)
-    return FusedTeacher([upstream], specs=[spec], fusion=teacher.fusion, projection_dim=projection_dim,
-                        projection_fit="supervised", normalize=teacher.normalize, target_mode=teacher.target_mode)
-
-
-def upstream_names(teacher: FusedTeacher) -> list[str]:
-    """Table names of the teacher's upstreams: local folders by their last part, hub ids and
-    random-init configs as they are; repeats of one name get a position suffix ("name #1")."""
-    names = [_upstream_name(u) for u in teacher.upstreams]
-    counts = Counter(names)
-    return [f"{n} #{i}" if counts[n] > 1 else n for i, n in enumerate(names)]
-
-
-def _upstream_name(upstream: Upstream) -> str:
-    # Saved specs hold local folders as absolute paths (a moved folder is no longer a dir, hence
-    # is_absolute); a relative folder given directly is a dir.
-    path = Path(upstream.name)
-    return path.name if path.is_absolute() or path.is_dir() else upstream.name
-
-
-# --------------------------------------------------------------------------- metrics
-
-
-def edit_distance(reference: Sequence[Any], hypothesis: Sequence[Any]) -> int:
-    """Levenshtein distance; substitutions, insertions and deletions all cost 1."""
-    previous = list(range(len(hypothesis) + 1))
-    for i, ref in enumerate(reference, 1):
-        current = [i]
-        for j, hyp in enumerate(hypothesis, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ref != hyp)))
-        previous = current
-    return previous[-1]
-
-
-def error_rate(references: Sequence[Sequence[Any]], hypotheses: Sequence[Sequence[Any]]) -> float:
-    """Corpus error rate: total edit distance / total reference length (CER on characters)."""
-    if len(references) != len(hypotheses):
-        raise ValueError(f"error_rate: {len(references)} references vs {len(hypotheses)} hypotheses")
-    errors, total = sum(edit_distance(r, h) for r, h in zip(references, hypotheses)), sum(map(len, references))
-    return errors / total if total else float(errors > 0)
 
 
 # --------------------------------------------------------------------------- heads

@@ -10,10 +10,9 @@ from conftest import make_wave
 
 from distill.config import DataConfig
 from distill.data import load_audio_dataset, make_eval_batches
-from distill.probe import (
-    ProbeResult, ProbeTask, edit_distance, error_rate, hf_encoder_extractor, run_probe, single_upstream_teacher,
-    teacher_extractor, upstream_names, wants_normalised,
-)
+from distill.build import single_upstream_teacher, upstream_names
+from distill.metrics import edit_distance, error_rate
+from distill.probe import ProbeResult, ProbeTask, hf_encoder_extractor, run_probe, teacher_extractor, wants_normalised
 from teachers import FusedTeacher, load_upstream, wav2vec_num_frames
 
 HOP = 100  # synthetic extractors: one frame per 100 samples
