@@ -13,10 +13,11 @@ import re
 import shutil
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 from omegaconf import OmegaConf
 
-__all__ = ["CHECKPOINT_PREFIX", "save_checkpoint", "list_checkpoints", "find_checkpoint"]
+__all__ = ["CHECKPOINT_PREFIX", "save_checkpoint", "list_checkpoints", "find_checkpoint", "load_weights_strict"]
 
 CHECKPOINT_PREFIX = "checkpoint-"
 COMPLETE_MARKER = "checkpoint_complete"
@@ -64,6 +65,19 @@ def find_checkpoint(out: Path, which: str) -> Path:
     if not (path / COMPLETE_MARKER).exists():
         raise FileNotFoundError(f"--resume-from {which}: not a complete checkpoint folder (no {COMPLETE_MARKER})")
     return path
+
+
+def load_weights_strict(module: torch.nn.Module, weights: dict[str, torch.Tensor], source: str, hint: str = "") -> None:
+    """Load `weights` into `module`, or raise one line naming missing, unexpected and reshaped keys."""
+    expected = module.state_dict()
+    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    reshaped = sorted(k for k in set(weights) & set(expected) if weights[k].shape != expected[k].shape)
+    if missing or unexpected or reshaped:
+        raise ValueError(
+            f"{source} does not match the recipe's student{hint}: missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}, other shape {reshaped[:3]}"
+        )
+    module.load_state_dict(weights, strict=True)
 
 
 def _rotate(out: Path, total_limit: int | None) -> None:

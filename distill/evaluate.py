@@ -41,7 +41,7 @@ from teachers import FusedTeacher, frame_mask
 
 from .audio import RECEPTIVE_FIELD
 from .build import build_distill_student, single_upstream_teacher, upstream_names
-from .checkpoint import find_checkpoint
+from .checkpoint import find_checkpoint, load_weights_strict
 from .config import DataConfig, load_recipe
 from .cost import Cost, audio_encoder_job, fused_teacher_job, measure_jobs, ratios, student_job, whisper_encoder_job
 from .data import load_audio_dataset, make_eval_batches
@@ -122,16 +122,11 @@ def load_target(
 
 
 def _load_strict(student: DistillStudent, weights_path: Path, teacher: FusedTeacher) -> None:
-    weights, expected = load_file(str(weights_path)), student.state_dict()
-    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
-    shapes = sorted(k for k in set(weights) & set(expected) if weights[k].shape != expected[k].shape)
-    if missing or unexpected or shapes:
-        raise ValueError(
-            f"{weights_path} does not match the recipe's student with heads for {len(teacher.target_layer_ids)} "
-            f"targets of width {teacher.target_dim}: missing {missing[:3]}, unexpected {unexpected[:3]}, "
-            f"other shape {shapes[:3]} (a --teacher must have the run's target layers and width)"
-        )
-    student.load_state_dict(weights, strict=True)
+    hint = (
+        f" with heads for {len(teacher.target_layer_ids)} targets of width {teacher.target_dim}"
+        " (a --teacher must have the run's target layers and width)"
+    )
+    load_weights_strict(student, load_file(str(weights_path)), str(weights_path), hint)
 
 
 def _bare_data_config(data: str | None, overrides: Sequence[str]) -> DataConfig | None:

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from students import build_student, export_student, push_to_hub
 
 from .build import student_config
-from .checkpoint import find_checkpoint
+from .checkpoint import find_checkpoint, load_weights_strict
 from .config import load_recipe
 
 __all__ = ["export_run", "card_data_for_run"]
@@ -41,12 +41,7 @@ def _encoder_from_checkpoint(cfg, run_dir: Path):
     weights = load_file(checkpoint / "model.safetensors")
     encoder_state = {k[len(_ENCODER_PREFIX):]: v for k, v in weights.items() if k.startswith(_ENCODER_PREFIX)}
     encoder = build_student(student_config(cfg))
-    result = encoder.load_state_dict(encoder_state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(
-            f"{checkpoint}/model.safetensors does not match the recipe's student: "
-            f"missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}"
-        )
+    load_weights_strict(encoder, encoder_state, f"{checkpoint}/model.safetensors")
     return encoder
 
 
