@@ -6,6 +6,7 @@ same objects from the same recipe.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
 from dataclasses import asdict
@@ -15,13 +16,13 @@ from typing import Iterator
 import torch
 
 from students import DistillStudent, PredictionHeads, build_student, build_student_config, init_from_upstream
-from teachers import CONFIG_NAME, FusedTeacher, Upstream, load_upstream
+from teachers import CONFIG_NAME, FusedTeacher, Upstream, canonical_spec, load_upstream
 
 from .audio import RECEPTIVE_FIELD
-from .config import RecipeConfig
+from .config import RecipeConfig, TeacherConfig
 from .data import BadAudio, decode_audio
 
-__all__ = ["build_teacher", "build_distill_student", "student_config", "pca_waveforms", "single_upstream_teacher", "upstream_names"]
+__all__ = ["build_teacher", "teacher_config_diffs", "build_distill_student", "student_config", "pca_waveforms", "single_upstream_teacher", "upstream_names"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,13 @@ def build_teacher(
     `device` (thousands of utterances through 2-3 base-size upstreams take hours on a CPU).
     """
     if save_dir is not None and (Path(save_dir) / CONFIG_NAME).exists():
+        saved = json.loads((Path(save_dir) / CONFIG_NAME).read_text())["config"]
+        diffs = teacher_config_diffs(saved, cfg.teacher)
+        if diffs:  # an output folder reused with another teacher: never train on its targets
+            raise ValueError(
+                f"{save_dir}: the run's saved teacher differs from the recipe's in {', '.join(diffs)}; "
+                "use a new --output-dir (or delete that folder to refit)"
+            )
         logger.info("reusing the fused teacher saved in %s", save_dir)
         return FusedTeacher.from_pretrained(save_dir).to(device or "cpu")
     tcfg = cfg.teacher
@@ -53,6 +61,19 @@ def build_teacher(
     if save_dir is not None:
         teacher.save_pretrained(save_dir)
     return teacher
+
+
+def teacher_config_diffs(saved: dict, recipe: TeacherConfig) -> list[str]:
+    """Keys in which a saved teacher config (fused_teacher.json) differs from a recipe's teacher."""
+    diffs = []
+    if [canonical_spec(s) for s in recipe.upstreams] != [canonical_spec(s) for s in saved["upstreams"]]:
+        diffs.append("upstreams")
+    diffs += [k for k in ("fusion", "target_mode", "normalize", "dtype") if getattr(recipe, k) != saved[k]]
+    if recipe.target_mode == "chconv" and recipe.projection_dim != saved["projection_dim"]:
+        diffs.append("projection_dim")
+    if recipe.target_layers is not None and list(recipe.target_layers) != list(saved["target_layers"]):
+        diffs.append("target_layers")
+    return diffs
 
 
 def pca_waveforms(

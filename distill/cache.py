@@ -39,11 +39,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from teachers import CONFIG_NAME, FusedTeacher, canonical_spec, wav2vec_num_frames
+from teachers import CONFIG_NAME, FusedTeacher, wav2vec_num_frames
 from teachers.fused import WEIGHTS_NAME
 
 from .audio import HOP, RECEPTIVE_FIELD, BadAudio, decode_audio
-from .build import build_teacher
+from .build import build_teacher, teacher_config_diffs
 from .config import DataConfig, RecipeConfig, TeacherConfig
 from .data import load_audio_dataset
 
@@ -56,9 +56,6 @@ MANIFEST_NAME = "manifest.json"
 TEACHER_DIR = "teacher"
 _DTYPE = "float16"
 # Recipe teacher keys that decide what the targets are; compared by TargetCache.check_recipe.
-_RECIPE_KEYS = ("fusion", "target_mode", "normalize", "dtype")
-
-
 class CacheError(ValueError):
     """A target cache that cannot be written or used as asked; the message is one line."""
 
@@ -361,15 +358,7 @@ class TargetCache:
 
     def check_recipe(self, teacher_cfg: TeacherConfig) -> None:
         """One-line CacheError when the recipe's teacher section describes another teacher."""
-        saved, recipe = self.teacher_config, teacher_cfg
-        diffs = []
-        if [canonical_spec(s) for s in recipe.upstreams] != [canonical_spec(s) for s in saved["upstreams"]]:
-            diffs.append("upstreams")
-        diffs += [k for k in _RECIPE_KEYS if getattr(recipe, k) != saved[k]]
-        if recipe.target_mode == "chconv" and recipe.projection_dim != saved["projection_dim"]:
-            diffs.append("projection_dim")
-        if recipe.target_layers is not None and list(recipe.target_layers) != list(saved["target_layers"]):
-            diffs.append("target_layers")
+        diffs = teacher_config_diffs(self.teacher_config, teacher_cfg)
         if diffs:
             raise CacheError(f"cache {self.folder}: its teacher differs from the recipe's in {', '.join(diffs)} "
                              f"(see {self.teacher_dir / CONFIG_NAME}); rerun cache-targets with this recipe")

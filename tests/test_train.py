@@ -171,3 +171,13 @@ def test_fit_teacher_cli_saves_a_supervised_teacher(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "fused (3 upstreams)" in result.stdout and "accuracy" in result.stdout
     assert (out / "fused_teacher.json").exists() and (out / "fit_report.json").exists()
+
+
+def test_reused_output_dir_with_another_teacher_is_refused(tmp_path):
+    run = tmp_path / "run"
+    first = _cli("train", "demo", "--output-dir", str(run), "training.max_steps=1", *FAST)
+    assert first.returncode == 0, first.stderr[-2000:]
+    again = _cli("train", "demo", "--output-dir", str(run), "training.max_steps=1", "teacher.target_layers=[1,3]", *FAST)
+    assert again.returncode == 2
+    errors = [line for line in again.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "saved teacher differs from the recipe's in target_layers" in errors[0]
