@@ -19,6 +19,8 @@ import soundfile as sf
 import soxr
 import torch
 
+from teachers.align import WAV2VEC_HOP, WAV2VEC_RECEPTIVE_FIELD
+
 __all__ = [
     "HOP",
     "RECEPTIVE_FIELD",
@@ -31,8 +33,9 @@ __all__ = [
     "crop_batch",
 ]
 
-HOP = 320  # wav2vec-style conv front-end: one frame every 320 samples ...
-RECEPTIVE_FIELD = 400  # ... each frame sees 400 samples, so n frames need 320 n + 80 samples
+# The wav2vec-style conv front-end: one frame every HOP (320) samples, each seeing RECEPTIVE_FIELD
+# (400) samples, so n frames need 320 n + 80 samples.
+HOP, RECEPTIVE_FIELD = WAV2VEC_HOP, WAV2VEC_RECEPTIVE_FIELD
 
 AudioRef = Union[str, Path, Mapping[str, Any]]
 

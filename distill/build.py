@@ -6,7 +6,6 @@ same objects from the same recipe.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 from dataclasses import asdict
@@ -16,7 +15,7 @@ from typing import Iterator
 import torch
 
 from students import DistillStudent, PredictionHeads, build_student, build_student_config, init_from_upstream
-from teachers import CONFIG_NAME, FusedTeacher, Upstream, canonical_spec, load_upstream
+from teachers import CONFIG_NAME, FusedTeacher, Upstream, canonical_spec, load_upstream, read_saved_config
 
 from .audio import RECEPTIVE_FIELD
 from .config import RecipeConfig, TeacherConfig
@@ -38,8 +37,7 @@ def build_teacher(
     `device` (thousands of utterances through 2-3 base-size upstreams take hours on a CPU).
     """
     if save_dir is not None and (Path(save_dir) / CONFIG_NAME).exists():
-        saved = json.loads((Path(save_dir) / CONFIG_NAME).read_text())["config"]
-        diffs = teacher_config_diffs(saved, cfg.teacher)
+        diffs = teacher_config_diffs(read_saved_config(save_dir), cfg.teacher)
         if diffs:  # an output folder reused with another teacher: never train on its targets
             raise ValueError(
                 f"{save_dir}: the run's saved teacher differs from the recipe's in {', '.join(diffs)}; "

@@ -39,7 +39,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from teachers import CONFIG_NAME, FusedTeacher, wav2vec_num_frames
+from teachers import CONFIG_NAME, FusedTeacher, read_saved_config, wav2vec_num_frames
 from teachers.fused import WEIGHTS_NAME
 
 from .audio import HOP, RECEPTIVE_FIELD, BadAudio, decode_audio
@@ -337,7 +337,7 @@ class TargetCache:
     @property
     def teacher_config(self) -> dict:
         """The saved teacher's config (upstream specs, fusion, ...), read without loading any model."""
-        return json.loads((self.teacher_dir / CONFIG_NAME).read_text())["config"]
+        return read_saved_config(self.teacher_dir)
 
     def __len__(self) -> int:
         return len(self._index)

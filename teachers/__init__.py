@@ -1,7 +1,7 @@
 """Teachers: frozen upstream speech encoders, their alignment and fusion into distillation targets."""
 
 from .align import align_frames, align_layers, wav2vec_num_frames
-from .fused import CONFIG_NAME, FusedTeacher, TeacherOutput, canonical_spec
+from .fused import CONFIG_NAME, FusedTeacher, TeacherOutput, canonical_spec, read_saved_config
 from .inputs import frame_mask
 from .interfaces import AddHConv, CHConv, HConv, WeightedSum
 from .report import describe
@@ -21,6 +21,7 @@ __all__ = [
     "AddHConv",
     "FusedTeacher",
     "canonical_spec",
+    "read_saved_config",
     "CONFIG_NAME",
     "TeacherOutput",
     "describe",

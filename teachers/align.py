@@ -15,7 +15,7 @@ from typing import Sequence, Union
 import torch
 import torch.nn.functional as F
 
-__all__ = ["align_layers", "align_frames", "wav2vec_num_frames", "WAV2VEC_CONV", "WAV2VEC_RECEPTIVE_FIELD"]
+__all__ = ["align_layers", "align_frames", "wav2vec_num_frames", "WAV2VEC_CONV", "WAV2VEC_RECEPTIVE_FIELD", "WAV2VEC_HOP"]
 
 # (kernel, stride) of the wav2vec 2.0 / HuBERT / WavLM conv front-end: 320-sample hop.
 WAV2VEC_CONV = ((10, 5), (3, 2), (3, 2), (3, 2), (3, 2), (2, 2), (2, 2))
@@ -23,8 +23,19 @@ WAV2VEC_CONV = ((10, 5), (3, 2), (3, 2), (3, 2), (3, 2), (2, 2), (2, 2))
 FrameCounts = Union[int, Sequence[int], torch.Tensor]
 
 
-# Samples one wav2vec frame sees: 400 (25 ms); shorter audio gives no frame.
-WAV2VEC_RECEPTIVE_FIELD = 400
+
+
+def receptive_field_and_hop(conv: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """(samples one output frame sees, samples between frames) of a stack of (kernel, stride) convs."""
+    field, hop = 1, 1
+    for kernel, stride in conv:
+        field += (kernel - 1) * hop
+        hop *= stride
+    return field, hop
+
+
+# Samples one wav2vec frame sees (400, 25 ms; shorter audio gives no frame) and between frames (320).
+WAV2VEC_RECEPTIVE_FIELD, WAV2VEC_HOP = receptive_field_and_hop(WAV2VEC_CONV)
 
 
 def wav2vec_num_frames(num_samples: int) -> int:

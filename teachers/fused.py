@@ -36,7 +36,7 @@ from .interfaces import HConv, WeightedSum
 from .pca import CovarianceAccumulator
 from .upstream import SAMPLING_RATE, Upstream, UpstreamOutput, load_upstream, resolve_dtype
 
-__all__ = ["canonical_spec", "FusedTeacher", "TeacherOutput", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["canonical_spec", "read_saved_config", "FusedTeacher", "TeacherOutput", "CONFIG_NAME", "WEIGHTS_NAME"]
 
 CONFIG_NAME = "fused_teacher.json"
 WEIGHTS_NAME = "fusion.safetensors"
@@ -333,6 +333,11 @@ def _check_settings(fusion: str, projection_fit: str, target_mode: str, include_
             f"FusedTeacher: include_interface_output with fusion={fusion} needs projection_fit=supervised "
             "(PCA does not train the HConv)"
         )
+
+
+def read_saved_config(folder: Union[str, Path]) -> dict:
+    """The config a FusedTeacher folder was saved with (upstream specs, fusion...), no model loaded."""
+    return _read_saved(folder)["config"]
 
 
 def _read_saved(folder: Union[str, Path]) -> dict:

@@ -29,6 +29,8 @@ from typing import Any, Union
 import torch
 from torch import nn
 
+from .align import receptive_field_and_hop
+
 __all__ = ["Upstream", "UpstreamOutput", "load_upstream", "resolve_dtype", "SAMPLING_RATE"]
 
 SAMPLING_RATE = 16000
@@ -144,10 +146,7 @@ class Wav2VecUpstream(Upstream):
         cfg = model.config
         super().__init__(model, name, cfg.model_type, cfg.num_hidden_layers, cfg.hidden_size)
         self.do_normalize = do_normalize
-        hop, field = 1, 1
-        for kernel, stride in zip(cfg.conv_kernel, cfg.conv_stride):
-            field += (kernel - 1) * hop
-            hop *= stride
+        field, hop = receptive_field_and_hop(list(zip(cfg.conv_kernel, cfg.conv_stride)))
         self.min_samples = field
         self.frame_rate = SAMPLING_RATE / hop
 
