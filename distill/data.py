@@ -38,6 +38,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+_ROW_COLUMNS = ("id", "audio", "text", "label", "duration")  # what a batch holds as ids/waveforms/texts/labels
+
 
 # --------------------------------------------------------------------------- decoding rows
 
@@ -264,8 +266,10 @@ def make_eval_batches(
     min_samples: int = RECEPTIVE_FIELD,
 ) -> Iterator[dict]:
     """Whole utterances in dataset order, zero-padded: {"waveforms" float32 (B, S_max),
-    "lengths" long (B,) true lengths, "ids", "skipped", and "texts"/"labels" lists when the
-    dataset has those columns}. The caller handles padding (the teacher runs items unpadded).
+    "lengths" long (B,) true lengths, "ids", "skipped", "texts"/"labels" lists when the dataset
+    has those columns, and one list per extra column (load_audio_dataset's `columns`) under its
+    own name, one value per utterance, None or empty where a row has none}. The caller handles
+    padding (the teacher runs items unpadded).
 
     Reads at most `max_items` rows; unreadable, too short and too long ones go to "skipped".
     """
@@ -298,5 +302,9 @@ def _pad_batch(pending: list[tuple[Mapping, np.ndarray]], skipped: dict) -> dict
     for column, key in (("text", "texts"), ("label", "labels")):
         if pending and column in pending[0][0]:
             batch[key] = [item[column] for item, _ in pending]
+    # Every other column is an extra the caller asked load_audio_dataset to keep (it drops the rest).
+    for column in (pending[0][0] if pending else ()):
+        if column not in _ROW_COLUMNS:
+            batch[column] = [item[column] for item, _ in pending]
     return batch
 

@@ -8,13 +8,15 @@
    only a run folder has (in its newest checkpoint); an exported student folder has none, so the
    section is skipped there and says so.
 2. Probes (SUPERB style, distill/probe.py): frozen features + weighted sum + small head, for each
-   task in `probe_tasks` ("kind:column"), for the student, the fused teacher and every single
-   upstream, with one budget (steps, learning rate, seed) for all.
+   task in `probe_tasks` ("kind:column", any column of the dataset), for the student, the fused
+   teacher and every single upstream, with one budget (steps, learning rate, seed) for all; each
+   model's features are extracted once for all tasks.
 3. Cost (distill/cost.py): params, GFLOPs and median CPU latency on `cost_seconds` of audio for
    the same models, all in fp32 on the CPU (a bf16 or GPU teacher is cast and moved for the
    measurement and put back afterwards), with speed-up and size ratios against the fused teacher.
 
-Everything goes to OUT/eval.json (default RUN_DIR/eval/) plus OUT/layer_similarity.png; the
+Everything goes to OUT/eval.json (default RUN_DIR/eval/) plus OUT/layer_similarity.png and
+OUT/probe_scores.png (every model's probe score per task, side by side); the
 `format_*` helpers turn the result into the tables the CLI prints.
 """
 
@@ -46,8 +48,8 @@ from .config import DataConfig, load_recipe
 from .cost import Cost, audio_encoder_job, fused_teacher_job, measure_jobs, ratios, student_job, whisper_encoder_job
 from .data import load_audio_dataset, make_eval_batches
 # The format_* helpers are re-exported here: `evaluate` and its tables are one surface for the CLI.
-from .plots import format_cost, format_probes, format_report, format_similarity, plot_layer_similarity
-from .probe import ProbeTask, hf_encoder_extractor, run_probe, teacher_extractor
+from .plots import format_cost, format_probes, format_report, format_similarity, plot_layer_similarity, plot_probe_scores
+from .probe import ProbeTask, hf_encoder_extractor, is_missing, run_probes, teacher_extractor
 
 __all__ = [
     "EvalTarget", "load_target", "evaluate", "prediction_similarity", "probe_all", "cost_all",
@@ -60,6 +62,7 @@ logger = logging.getLogger(__name__)
 STUDENT, TEACHER = "student", "fused teacher"
 DEFAULT_PROBE_TASKS = ("ctc:text", "classification:label")
 PLOT_NAME, JSON_NAME = "layer_similarity.png", "eval.json"
+PROBE_PLOT_NAME = "probe_scores.png"
 
 
 @dataclass
@@ -186,35 +189,60 @@ def probe_all(
 ) -> dict[str, Any]:
     """SUPERB-style probes of the student, the fused teacher and each upstream, one budget for all.
 
-    Probe heads train on the recipe's train split and are scored on its eval split (at most
-    `max_items` utterances of each); a task whose column the dataset lacks is skipped and says so.
+    `tasks` are "kind:column" with any column of the dataset. Probe heads train on the recipe's
+    train split and are scored on its eval split (at most `max_items` utterances of each). Each
+    model's features are extracted once for all tasks; a row without a value for a task is left
+    out of that task only and counted ("missing"); a task whose column the dataset lacks, or that
+    has no labelled row in a split, is skipped and says so.
     """
     data = target.data
-    train_set = load_audio_dataset(data, data.train_split_name)
-    dev_set = load_audio_dataset(data, _eval_split(data))
+    specs = list(dict.fromkeys(tasks))
+    columns = [spec.partition(":")[2] for spec in specs]
+    train_set = load_audio_dataset(data, data.train_split_name, columns)
+    dev_set = load_audio_dataset(data, _eval_split(data), columns)
     min_samples = _min_samples(target.teacher)
     # Materialised once: every model and task trains on exactly the same batches (and the CTC
     # vocabulary / class list comes from them, not from the whole training split).
     train_batches = list(make_eval_batches(train_set, data, batch_size, max_items, min_samples))
     dev_batches = list(make_eval_batches(dev_set, data, batch_size, max_items, min_samples))
-    models = _probe_extractors(target)
     budget = {"steps": steps, "learning_rate": learning_rate, "seed": seed, "interface": interface}
     section: dict[str, Any] = {"budget": budget, "train_utterances": sum(len(b["ids"]) for b in train_batches),
                                "dev_utterances": sum(len(b["ids"]) for b in dev_batches), "tasks": {}}
-    for spec in tasks:
+    probe_tasks = {}
+    for spec in specs:
         kind, _, column = spec.partition(":")
-        # Labels ride in the batches ("texts", "labels"), present only when the dataset has the column.
-        if not any(key in batch for batch in train_batches for key in (column + "s", column)):
-            section["tasks"][spec] = {"skipped": f"the dataset has no {column!r} column"}
-            logger.warning("probe %s skipped: the dataset has no %r column", spec, column)
+        reason = _unusable(column, train_batches, dev_batches)
+        if reason:
+            section["tasks"][spec] = {"skipped": reason}
+            logger.warning("probe %s skipped: %s", spec, reason)
             continue
-        task = ProbeTask.from_batches(train_batches, kind, column)
-        rows = []
-        for name, extract in models.items():
-            logger.info("probe %s: %s", spec, name)
-            rows.append({"model": name, **run_probe(extract, train_batches, dev_batches, task, **budget).to_dict()})
-        section["tasks"][spec] = {"metric": rows[0]["metric"], "lower_is_better": rows[0]["lower_is_better"], "rows": rows}
+        probe_tasks[spec] = ProbeTask.from_batches(train_batches, kind, column)
+        section["tasks"][spec] = {"rows": []}
+    for name, extract in _probe_extractors(target).items():
+        if not probe_tasks:
+            break
+        logger.info("probes of %s: %s", name, ", ".join(probe_tasks))
+        results = run_probes(extract, train_batches, dev_batches, list(probe_tasks.values()), **budget)
+        for spec, task in probe_tasks.items():
+            section["tasks"][spec]["rows"].append({"model": name, **results[task.name].to_dict()})
+    for spec in probe_tasks:
+        rows = section["tasks"][spec]["rows"]
+        section["tasks"][spec] = {"metric": rows[0]["metric"], "lower_is_better": rows[0]["lower_is_better"],
+                                  "missing": {"train": rows[0]["missing_train"], "dev": rows[0]["missing_dev"]},
+                                  "rows": rows}
     return section
+
+
+def _unusable(column: str, train_batches: list[dict], dev_batches: list[dict]) -> str | None:
+    """Why a column cannot be probed (absent, or no labelled row in a split), else None."""
+    # Labels ride in the batches ("texts", "labels", extra columns), present only when the dataset has the column.
+    if not any(key in batch for batch in train_batches for key in (column, column + "s")):
+        return f"the dataset has no {column!r} column"
+    for split, batches in (("train", train_batches), ("dev", dev_batches)):
+        values = [v for batch in batches for v in (batch.get(column) or batch.get(column + "s") or [])]
+        if not any(not is_missing(v) for v in values):
+            return f"no {split} utterance has a {column!r} value"
+    return None
 
 
 def _probe_extractors(target: EvalTarget) -> dict[str, Any]:
@@ -320,7 +348,7 @@ def evaluate(
         "target": str(t.path), "kind": t.kind, "weights": str(t.source),
         "teacher": t.teacher.config if t.teacher is not None else None,
         "dataset": dataclasses.asdict(t.data) if t.data is not None else None, "max_items": max_items,
-        "files": {"eval_json": str(out / JSON_NAME), "plot": None},
+        "files": {"eval_json": str(out / JSON_NAME), "plot": None, "probe_plot": None},
     }
     result["similarity"] = _similarity_part(t, max_items, batch_size)
     if "layers" in result["similarity"]:
@@ -333,6 +361,8 @@ def evaluate(
     else:
         result["probes"] = probe_all(t, probe_tasks, steps=probe_steps, learning_rate=probe_learning_rate, seed=probe_seed,
                                      interface=probe_interface, max_items=max_items, batch_size=batch_size)
+        probe_plot = plot_probe_scores(result["probes"], out / PROBE_PLOT_NAME, f"{t.path.name}: probes")
+        result["files"]["probe_plot"] = str(probe_plot) if probe_plot else None
     if cost:
         result["cost"] = _cost_section(cost_all(t, cost_seconds, cost_repeats, cost_threads), cost_seconds)
     else:

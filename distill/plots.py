@@ -15,7 +15,8 @@ from typing import Any
 
 from .cost import Cost, cost_table
 
-__all__ = ["plot_layer_similarity", "format_similarity", "format_probes", "format_cost", "format_report"]
+__all__ = ["plot_layer_similarity", "plot_probe_scores", "format_similarity", "format_probes", "format_cost",
+           "format_report"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,45 @@ def plot_layer_similarity(layers: Sequence[dict[str, Any]], path: str | Path, ti
     return path
 
 
+def plot_probe_scores(section: dict[str, Any], path: str | Path, title: str = "") -> Path | None:
+    """Probe scores side by side: one panel per probed task, one bar per model (student, fused
+    teacher, each upstream), written to `path` (PNG).
+
+    `section` is eval.json's probes section. Returns the path; None when no task was probed or
+    matplotlib is not installed (a note is logged instead).
+    """
+    done = {spec: task for spec, task in section.get("tasks", {}).items() if "rows" in task}
+    if not done:
+        return None
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        logger.warning("matplotlib is not installed: skipping %s (pip install 'fusion-distill[plots]')", Path(path).name)
+        return None
+    fig = Figure(figsize=(max(4.0, 3.2 * len(done)), 3.6), layout="constrained")
+    axes = fig.subplots(1, len(done), squeeze=False)[0]
+    colors = {}  # one colour per model across panels, so the eye can follow a model
+    for ax, (spec, task) in zip(axes, done.items()):
+        models = [row["model"] for row in task["rows"]]
+        for model in models:
+            colors.setdefault(model, f"C{len(colors) % 10}")
+        positions = list(range(len(models)))
+        bars = ax.bar(positions, [row["score"] for row in task["rows"]], color=[colors[m] for m in models])
+        ax.bar_label(bars, fmt="%.3f", fontsize=8)
+        ax.set_xticks(positions, models, rotation=30, ha="right", fontsize=8)
+        better = "lower" if task["lower_is_better"] else "higher"
+        ax.set_title(f"{spec}\n{task['metric']} ({better} is better)", fontsize=9)
+        # Both metrics are rates; a fixed [0, 1] keeps tasks and runs comparable (a CER can exceed 1).
+        ax.set_ylim(0.0, max(1.0, *(row["score"] for row in task["rows"])) * 1.08)
+        ax.grid(axis="y", alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
+
+
 def format_similarity(section: dict[str, Any]) -> str:
     """Markdown table of the similarity section: one row per target layer, then the mean."""
     if "skipped" in section:
@@ -75,6 +115,8 @@ def format_probes(section: dict[str, Any]) -> str:
     lines = [f"probes ({b['interface']}, {b['steps']} steps, lr {b['learning_rate']:g}, seed {b['seed']}; "
              f"{section['train_utterances']} train / {section['dev_utterances']} dev utterances)"]
     lines += [f"{spec}: skipped ({task['skipped']})" for spec, task in section["tasks"].items() if "skipped" in task]
+    lines += [f"{spec}: {task['missing']['train']} train / {task['missing']['dev']} dev utterances without a value, "
+              "left out of this task" for spec, task in done.items() if any(task.get("missing", {}).values())]
     if done:
         heads = [f"{spec} ({task['metric']}, {'lower' if task['lower_is_better'] else 'higher'} is better)"
                  for spec, task in done.items()]
@@ -100,6 +142,7 @@ def format_cost(section: dict[str, Any]) -> str:
 def format_report(result: dict[str, Any]) -> str:
     """The three tables and where the files went, as the CLI prints them."""
     files = result["files"]
+    written = [files["eval_json"]] + [files[k] for k in ("plot", "probe_plot") if files.get(k)]
     parts = [format_similarity(result["similarity"]), format_probes(result["probes"]), format_cost(result["cost"]),
-             f"wrote {files['eval_json']}" + (f" and {files['plot']}" if files["plot"] else "")]
+             "wrote " + ", ".join(written)]
     return "\n\n".join(parts)

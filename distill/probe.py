@@ -1,7 +1,9 @@
 """SUPERB-style probing: a frozen encoder, a layer interface (WeightedSum / HConv) and a small head.
 
 One call probes a student, the fused teacher or one upstream under the same budget (steps, lr,
-seed, head): `run_probe(hf_encoder_extractor(model), train_batches, dev_batches, task)`.
+seed, head): `run_probe(hf_encoder_extractor(model), train_batches, dev_batches, task)`, or for
+several tasks at once `run_probes(extract, train_batches, dev_batches, tasks)`, which extracts every
+utterance once and trains one interface + head per task on the shared cache.
 
 - CTC: symbols are the characters of the column's strings (an IPA string splits into code points,
   stress/length marks included; spaces separate words). Blank is 0, vocab[i] is i + 1. Head
@@ -14,14 +16,16 @@ Cost: the extractor is frozen, so every utterance is extracted ONCE and its vali
 in CPU memory (L x T x D values each, `cache_dtype`). A trainable step between the frozen features
 and the interface (the fused teacher's projection) is a `transform` run on the cache every step
 (`feature_grad=True`, its parameters in `extra_parameters`): upstream forwards still run once.
-Labels: column `c` is read from `batch[c + "s"]` (make_eval_batches' "texts"/"labels") or `batch[c]`;
-`ProbeTask.from_batches` takes the vocabulary from the (capped) training batches themselves, so
-nothing beyond what the probe trains on is ever read.
+Labels: column `c` is read from `batch[c]` (make_eval_batches' extra columns) or `batch[c + "s"]`
+("texts"/"labels"); `ProbeTask.from_batches` takes the vocabulary from the (capped) training batches
+themselves, so nothing beyond what the probe trains on is ever read. A row without a value for a
+task (None, an empty string, NaN) is left out of that task only and counted in its ProbeResult.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
@@ -35,8 +39,8 @@ from teachers.upstream import _wants_normalised
 
 from .metrics import error_rate
 
-__all__ = ["ProbeTask", "ProbeResult", "Extractor", "run_probe", "hf_encoder_extractor", "teacher_extractor",
-           "wants_normalised"]
+__all__ = ["ProbeTask", "ProbeResult", "Extractor", "run_probe", "run_probes", "hf_encoder_extractor",
+           "teacher_extractor", "wants_normalised", "is_missing"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +59,11 @@ class ProbeTask:
     kind: str
     column: str
     vocab: list[str]
+
+    @property
+    def name(self) -> str:
+        """"kind:column", as the CLI's --probe-task spells it."""
+        return f"{self.kind}:{self.column}"
 
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
@@ -76,7 +85,7 @@ class ProbeTask:
                 keys.update(batch)
                 continue
             found = True
-            values.extend(v for v in labels if v is not None)
+            values.extend(v for v in labels if not is_missing(v))
         if not found:
             raise ValueError(f"ProbeTask: no {column!r} labels in the batches; keys: {', '.join(sorted(keys)) or 'none'}")
         if kind == "ctc":
@@ -97,15 +106,26 @@ class ProbeTask:
 
 
 def _batch_labels(batch: Mapping[str, Any], column: str) -> Optional[list[Any]]:
-    for key in (column + "s", column):
+    # The column's own name first: a dataset may have both "speaker" and "speakers".
+    for key in (column, column + "s"):
         if key in batch:
             return list(batch[key])
     return None
 
 
+def is_missing(value: Any) -> bool:
+    """No label: None, an empty or blank string (a CSV's empty cell), or NaN (pandas' empty cell)."""
+    if value is None:
+        return True
+    if isinstance(value, str):
+        return not value.strip()
+    return isinstance(value, float) and math.isnan(value)
+
+
 @dataclass
 class ProbeResult:
-    """Dev `score` ("cer" or "accuracy"), mean loss of the last tenth of the steps, utterances used."""
+    """Dev `score` ("cer" or "accuracy"), mean loss of the last tenth of the steps, utterances used,
+    and utterances left out of this task because they had no value for its column."""
 
     metric: str
     score: float
@@ -113,6 +133,8 @@ class ProbeResult:
     steps: int
     num_train: int
     num_dev: int
+    missing_train: int = 0
+    missing_dev: int = 0
 
     @property
     def lower_is_better(self) -> bool:
@@ -250,25 +272,71 @@ def run_probe(
     parameters in `extra_parameters`), else once, before caching. Training draws `batch_size`
     utterances per step in a seeded order; `device` (default: where the extractor returns
     features) runs interface and head. head: "linear" | "lstm" (CTC only). Deterministic on CPU.
+    Rows without a value for the task are left out and counted (missing_train / missing_dev).
     """
+    return run_probes(extract, train_batches, dev_batches, [task], interface, steps, learning_rate, seed,
+                      extra_parameters, feature_grad, transform=transform, batch_size=batch_size, head=head,
+                      head_dim=head_dim, device=device, cache_dtype=cache_dtype)[task.name]
+
+
+def run_probes(
+    extract: Extractor,
+    train_batches: Iterable[Mapping[str, Any]],
+    dev_batches: Iterable[Mapping[str, Any]],
+    tasks: Sequence[ProbeTask],
+    interface: Union[str, nn.Module] = "weighted_sum",
+    steps: int = 200,
+    learning_rate: float = 1e-3,
+    seed: int = 0,
+    extra_parameters: Iterable[nn.Parameter] = (),
+    feature_grad: bool = False,
+    *,
+    transform: Optional[Transform] = None,
+    batch_size: int = 8,
+    head: str = "linear",
+    head_dim: int = 128,
+    device: Union[str, torch.device, None] = None,
+    cache_dtype: torch.dtype = torch.float32,
+) -> dict[str, ProbeResult]:
+    """`run_probe` for several tasks on one extraction: every utterance of `train_batches` and
+    `dev_batches` is extracted once, then each task trains its own fresh interface + head (same
+    budget and seed) on the utterances that have a value for its column. Returns {task.name: result}.
+
+    A module `interface` or a trained `transform` (feature_grad) would be shared and trained by
+    every task in turn, so those take exactly one task.
+    """
+    tasks = list(tasks)
     if steps < 1 or batch_size < 1 or head not in _HEADS:
         raise ValueError(f"run_probe: steps={steps}, batch_size={batch_size} (both >= 1), head={head!r} (linear|lstm)")
     if feature_grad and transform is None:
         raise ValueError("run_probe: feature_grad=True trains through `transform`; the extractor itself stays frozen")
+    names = [task.name for task in tasks]
+    if not tasks or len(set(names)) < len(names):
+        raise ValueError(f"run_probes: expected distinct tasks, got {names or 'none'}")
+    if len(tasks) > 1 and (isinstance(interface, nn.Module) or feature_grad):
+        raise ValueError("run_probes: a module interface or a trained transform is trained in place; probe one task")
     step_transform = transform if feature_grad else None
-    train, device = _cache(extract, train_batches, task, None if feature_grad else transform, cache_dtype, device, True)
-    dev, _ = _cache(extract, dev_batches, task, None if feature_grad else transform, cache_dtype, device, False)
-    if not train or not dev:
-        raise ValueError(f"run_probe: {len(train)} training and {len(dev)} dev utterances; need both")
-    with torch.random.fork_rng(devices=[]):  # seeded init that leaves the caller's RNG alone
-        torch.manual_seed(seed)
-        modules = _build_modules(interface, train[0], task, step_transform, head == "lstm", head_dim, device)
-    losses = _train(train, task, modules, step_transform, extra_parameters, steps, learning_rate, seed, batch_size,
-                    device)
-    score = _evaluate(dev, task, modules, step_transform, batch_size, device)
-    tail = losses[-max(1, steps // 10):]
-    metric = "cer" if task.kind == "ctc" else "accuracy"
-    return ProbeResult(metric, score, sum(tail) / len(tail), steps, len(train), len(dev))
+    cache_transform = None if feature_grad else transform
+    train, device = _cache(extract, train_batches, tasks, cache_transform, cache_dtype, device)
+    dev, _ = _cache(extract, dev_batches, tasks, cache_transform, cache_dtype, device)
+    results = {}
+    for task in tasks:
+        train_items, missing_train = _items(train, task, training=True)
+        dev_items, missing_dev = _items(dev, task, training=False)
+        if not train_items or not dev_items:
+            raise ValueError(f"run_probe {task.name}: {len(train_items)} training and {len(dev_items)} dev utterances "
+                             f"with a value ({missing_train} + {missing_dev} without); need both")
+        with torch.random.fork_rng(devices=[]):  # seeded init that leaves the caller's RNG alone
+            torch.manual_seed(seed)
+            modules = _build_modules(interface, train_items[0], task, step_transform, head == "lstm", head_dim, device)
+        losses = _train(train_items, task, modules, step_transform, extra_parameters, steps, learning_rate, seed,
+                        batch_size, device)
+        score = _evaluate(dev_items, task, modules, step_transform, batch_size, device)
+        tail = losses[-max(1, steps // 10):]
+        metric = "cer" if task.kind == "ctc" else "accuracy"
+        results[task.name] = ProbeResult(metric, score, sum(tail) / len(tail), steps, len(train_items), len(dev_items),
+                                         missing_train, missing_dev)
+    return results
 
 
 def _train(train: list[_Item], task: ProbeTask, modules: tuple[nn.Module, nn.Module], transform: Optional[Transform],
@@ -293,24 +361,43 @@ def _train(train: list[_Item], task: ProbeTask, modules: tuple[nn.Module, nn.Mod
     return losses
 
 
-def _cache(extract: Extractor, batches: Iterable[Mapping[str, Any]], task: ProbeTask, transform: Optional[Transform],
-           dtype: torch.dtype, device: Any, training: bool) -> tuple[list[_Item], torch.device]:
-    items: list[_Item] = []
+@dataclass
+class _Cached:
+    features: torch.Tensor  # (L, T, D) valid frames, on the CPU
+    labels: dict[str, Any]  # task name -> this utterance's raw value (None etc. when it has none)
+
+
+def _cache(extract: Extractor, batches: Iterable[Mapping[str, Any]], tasks: Sequence[ProbeTask],
+           transform: Optional[Transform], dtype: torch.dtype, device: Any) -> tuple[list[_Cached], torch.device]:
+    cached: list[_Cached] = []
     for batch in batches:
         if len(batch["lengths"]) == 0:
             continue
-        labels = task.labels_of(batch)
+        labels = {task.name: task.labels_of(batch) for task in tasks}  # before extracting: a missing column fails fast
         with torch.no_grad():
             features, frames = extract(batch["waveforms"], batch["lengths"])
             features = transform(features) if transform is not None else features
         device = features.device if device is None else device
-        for b, (label, n) in enumerate(zip(labels, frames.tolist())):
-            target = task.encode(label)
-            if training and task.kind == "classification" and target[0] < 0:
-                continue  # a class outside the vocabulary cannot be trained on
-            reference = list(str(label)) if task.kind == "ctc" else target[0]
-            items.append(_Item(features[:, b, :n].to("cpu", dtype).clone(), target, reference))
-    return items, torch.device("cpu") if device is None else torch.device(device)
+        for b, n in enumerate(frames.tolist()):
+            cached.append(_Cached(features[:, b, :n].to("cpu", dtype).clone(),
+                                  {name: values[b] for name, values in labels.items()}))
+    return cached, torch.device("cpu") if device is None else torch.device(device)
+
+
+def _items(cached: list[_Cached], task: ProbeTask, training: bool) -> tuple[list[_Item], int]:
+    """The task's utterances (features shared with the cache, not copied) and how many had no value."""
+    items, missing = [], 0
+    for entry in cached:
+        label = entry.labels[task.name]
+        if is_missing(label):
+            missing += 1
+            continue
+        target = task.encode(label)
+        if training and task.kind == "classification" and target[0] < 0:
+            continue  # a class outside the vocabulary cannot be trained on
+        reference = list(str(label)) if task.kind == "ctc" else target[0]
+        items.append(_Item(entry.features, target, reference))
+    return items, missing
 
 
 def _build_modules(interface: Union[str, nn.Module], sample: _Item, task: ProbeTask, transform: Optional[Transform],

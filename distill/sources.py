@@ -1,4 +1,4 @@
-"""Data sources: a hub dataset, an audio folder or a manifest -> rows `{"id", "audio", text?, label?}`.
+"""Data sources: a hub dataset, an audio folder or a manifest -> rows `{"id", "audio", text?, label?, ...}`.
 
 `DataConfig.dataset_name` is a hub dataset id (or a local folder of parquet/arrow shards laid out
 like a hub repo), a folder of audio files (with an optional metadata.csv/.jsonl), or a CSV/JSONL
@@ -10,6 +10,10 @@ Ids: folders and manifests use the audio path relative to the source, without su
 hub rows without an `id` column are numbered in dataset order (`train-00000012`); streamed hub
 rows without one get an id from the row itself (see `_stream_id`), so it is the same on every
 rank, worker, shard and shuffle.
+
+Extra columns: `load_audio_dataset(cfg, split, columns=("speaker", "phonemes"))` also keeps each
+named column the source has under its own name (probe tasks read any column); a requested column
+the source lacks is logged and left out, so the probe that wanted it reports it skipped.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePath, PurePosixPath
 from typing import Any, Union
 
@@ -39,6 +43,10 @@ METADATA_NAMES = ("metadata.csv", "metadata.jsonl")
 AUDIO_FALLBACKS = ("file_name", "path")  # manifest columns tried after audio_column_name
 
 AnyDataset = Union[datasets.Dataset, datasets.IterableDataset]
+# Names the rows or the eval batches already use (distill/data.py's batch keys); an extra column
+# under one of them would overwrite what the loader or the trainer reads.
+RESERVED_COLUMNS = frozenset({"id", "audio", "text", "label", "duration", "waveforms", "lengths", "ids", "skipped",
+                              "texts", "labels", "starts"})
 
 
 class DataError(RecipeError):
@@ -48,25 +56,39 @@ class DataError(RecipeError):
 # --------------------------------------------------------------------------- loading
 
 
-def load_audio_dataset(data_cfg: DataConfig, split: str) -> AnyDataset:
+def load_audio_dataset(data_cfg: DataConfig, split: str, columns: Sequence[str] = ()) -> AnyDataset:
     """Load one split with canonical columns `id`, `audio` ({"path", "bytes"}), `text`, `label`.
 
-    `text`/`label` are kept when the configured columns exist. Map-style datasets also get a
-    `duration` column (seconds, from file headers) and lose utterances that are unreadable or
-    outside [min, max]_duration_in_seconds; what was dropped is counted and logged.
+    `text`/`label` are kept when the configured columns exist. `columns`: further columns kept
+    under their own names (a configured text/label column too, beside its canonical copy); one
+    the source lacks is logged, not an error. Map-style datasets also get a `duration` column
+    (seconds, from file headers) and lose utterances that are unreadable or outside
+    [min, max]_duration_in_seconds; what was dropped is counted and logged.
     """
+    extras = _extra_columns(columns)
     source = Path(data_cfg.dataset_name).expanduser().resolve()  # absolute: workers may chdir
     if source.is_file():
-        ds = _from_manifest(source, split, data_cfg)
+        ds = _from_manifest(source, split, data_cfg, extras)
     elif source.is_dir() and _folder_has_audio(source):
-        ds = _from_folder(source, split, data_cfg)
+        ds = _from_folder(source, split, data_cfg, extras)
     else:
-        return _from_hub(data_cfg, split)
+        return _from_hub(data_cfg, split, extras)
     if data_cfg.streaming:
         # One shard per loader worker, so each worker streams its own part.
         stream = ds.to_iterable_dataset(num_shards=max(1, min(len(ds), data_cfg.dataloader_num_workers)))
         return _undecoded_audio(stream, "audio")
     return _filter_by_duration(ds, data_cfg, f"{data_cfg.dataset_name}[{split}]")
+
+
+def _extra_columns(columns: Sequence[str]) -> list[str]:
+    if isinstance(columns, str):  # "speaker" would otherwise ask for columns s, p, e, ...
+        raise DataError(f"load_audio_dataset: columns={columns!r}, expected a list of column names")
+    clash = sorted({c for c in columns if c in RESERVED_COLUMNS} - {"text", "label"})
+    if clash:
+        raise DataError(f"load_audio_dataset: column(s) {', '.join(clash)} clash with names the batches use; "
+                        f"reserved: {', '.join(sorted(RESERVED_COLUMNS))}")
+    # "text"/"label" asked for by name are the canonical columns, which are kept anyway.
+    return [c for c in dict.fromkeys(columns) if c not in ("text", "label")]
 
 
 def _folder_has_audio(folder: Path) -> bool:
@@ -77,17 +99,19 @@ def _audio_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())
 
 
-def _from_folder(folder: Path, split: str, cfg: DataConfig) -> datasets.Dataset:
+def _from_folder(folder: Path, split: str, cfg: DataConfig, extras: list[str]) -> datasets.Dataset:
     for name in METADATA_NAMES:
         if (folder / name).is_file():
-            return _from_manifest(folder / name, split, cfg)
+            return _from_manifest(folder / name, split, cfg, extras)
     _check_split(split, ["train"], folder)  # a bare folder of audio is one "train" split
+    if extras:
+        logger.warning("%s: a folder without metadata has no column %s", folder, ", ".join(map(repr, extras)))
     files = _audio_files(folder)
     rows = {"id": [_utterance_id(p.relative_to(folder)) for p in files], "audio": [str(p) for p in files]}
     return datasets.Dataset.from_dict(rows).cast_column("audio", datasets.Audio(decode=False))
 
 
-def _from_manifest(manifest: Path, split: str, cfg: DataConfig) -> datasets.Dataset:
+def _from_manifest(manifest: Path, split: str, cfg: DataConfig, extras: list[str]) -> datasets.Dataset:
     rows = _read_rows(manifest)
     columns = list(dict.fromkeys(key for row in rows for key in row))
     audio_col = _audio_column(columns, cfg.audio_column_name, manifest)
@@ -103,7 +127,7 @@ def _from_manifest(manifest: Path, split: str, cfg: DataConfig) -> datasets.Data
         row["id"] = str(row["id"])
         row[audio_col] = str(manifest.parent / rel) if rel else ""  # absolute paths stay absolute
     ds = datasets.Dataset.from_list(rows)
-    return _canonical(ds, cfg, audio_col, ds.column_names, str(manifest))
+    return _canonical(ds, cfg, audio_col, ds.column_names, str(manifest), extras)
 
 
 def _read_rows(manifest: Path) -> list[dict]:
@@ -124,7 +148,7 @@ def _read_rows(manifest: Path) -> list[dict]:
         return rows
 
 
-def _from_hub(cfg: DataConfig, split: str) -> AnyDataset:
+def _from_hub(cfg: DataConfig, split: str, extras: list[str]) -> AnyDataset:
     name = cfg.dataset_name
     try:
         ds = datasets.load_dataset(name, cfg.dataset_config_name, split=split, streaming=cfg.streaming)
@@ -141,7 +165,7 @@ def _from_hub(cfg: DataConfig, split: str) -> AnyDataset:
         columns = list(next(iter(ds)).keys())
     if cfg.audio_column_name not in columns:
         raise DataError(f"{name}: no audio column {cfg.audio_column_name!r}; columns: {', '.join(columns)}")
-    ds = _canonical(ds, cfg, cfg.audio_column_name, columns, name)
+    ds = _canonical(ds, cfg, cfg.audio_column_name, columns, name, extras)
     if "id" not in columns and cfg.streaming:  # not map's index: it restarts in every shard
         ds = ds.map(_stream_id, input_columns=["audio"])
     elif "id" not in columns:  # add_column, not map: map would rewrite every audio byte
@@ -168,8 +192,10 @@ def _stream_id(audio: Any) -> dict:
     return {"id": f"{stem}-{digest[:8]}" if stem else f"sha1-{digest[:16]}"}
 
 
-def _canonical(ds: AnyDataset, cfg: DataConfig, audio_col: str, columns: list[str], source: str) -> AnyDataset:
-    """Keep id/audio/text/label under canonical names; drop the rest (it would ride every batch)."""
+def _canonical(ds: AnyDataset, cfg: DataConfig, audio_col: str, columns: list[str], source: str,
+               extras: Sequence[str] = ()) -> AnyDataset:
+    """Keep id/audio/text/label under canonical names and `extras` under their own; drop the rest
+    (it would ride every batch)."""
     keep = {"id": "id"} if "id" in columns else {}
     keep[audio_col] = "audio"
     for name, canon in ((cfg.text_column_name, "text"), (cfg.label_column_name, "label")):
@@ -177,9 +203,25 @@ def _canonical(ds: AnyDataset, cfg: DataConfig, audio_col: str, columns: list[st
             keep[name] = canon
         elif name:
             logger.info("%s: no %r column, continuing without %s", source, name, canon)
+    copies = {}  # an extra that is also renamed to text/label: copied back under its own name
+    for name in extras:
+        if name not in columns:
+            logger.warning("%s: no %r column; probes of it are skipped (columns: %s)", source, name, ", ".join(columns))
+        elif keep.get(name) in ("text", "label"):
+            copies[name] = keep[name]
+        elif name == audio_col:
+            logger.warning("%s: %r is the audio column, not a label; not kept as one", source, name)
+        else:
+            keep[name] = name
     ds = _undecoded_audio(ds, audio_col)
     ds = ds.select_columns(list(keep))
-    return ds.rename_columns({old: new for old, new in keep.items() if old != new})
+    ds = ds.rename_columns({old: new for old, new in keep.items() if old != new})
+    for name, canon in copies.items():
+        if isinstance(ds, datasets.Dataset):  # add_column, not map: map would rewrite every audio byte
+            ds = ds.add_column(name, list(ds[canon]))
+        else:
+            ds = ds.map(lambda value, _name=name: {_name: value}, input_columns=[canon])
+    return ds
 
 
 def _undecoded_audio(ds: AnyDataset, column: str) -> AnyDataset:
