@@ -71,6 +71,9 @@ def teacher_config_diffs(saved: dict, recipe: TeacherConfig) -> list[str]:
         diffs.append("projection_dim")
     if recipe.target_layers is not None and list(recipe.target_layers) != list(saved["target_layers"]):
         diffs.append("target_layers")
+    # Teachers saved before the option existed were plain PCA.
+    if recipe.projection_fit == "pca" and recipe.projection_balance != saved.get("projection_balance", "none"):
+        diffs.append("projection_balance")
     return diffs
 
 

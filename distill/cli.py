@@ -41,7 +41,7 @@ def _cmd_inspect_teacher(args: argparse.Namespace) -> None:
     from .config import load_recipe
     from .inspect import inspect_teacher
 
-    print(inspect_teacher(load_recipe(args.recipe, args.overrides), seconds=args.seconds))
+    print(inspect_teacher(load_recipe(args.recipe, args.overrides), seconds=args.seconds, fit_pca=args.fit_pca))
 
 
 def _cmd_cache_targets(args: argparse.Namespace) -> None:
@@ -148,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*")
     p.add_argument("--seconds", type=float, default=10.0, help="audio length of the timed forward")
+    p.add_argument("--fit-pca", action="store_true",
+                   help="fit the PCA projection on the training audio and show how much of each upstream it keeps")
     p.set_defaults(func=_cmd_inspect_teacher)
     return parser
 

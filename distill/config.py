@@ -48,6 +48,10 @@ class TeacherConfig:
     normalize: bool = True
     dtype: str = "float32"  # float32 | bfloat16 (never float16: large-norm teachers overflow)
     pca_max_utterances: int = 64
+    # PCA only. none: top variance directions of the concatenation (an upstream with little or
+    # widely spread variance can be squeezed out); equal_variance: every upstream scaled to the
+    # same total variance first; split: each upstream its own PCA on an equal share of projection_dim.
+    projection_balance: str = "none"
 
 
 @dataclass
@@ -163,6 +167,7 @@ _CHOICES = {
     ("teacher", "fusion"): ("weighted_sum", "hconv", "chconv", "add_hconv"),
     ("teacher", "projection_fit"): ("pca", "supervised", "none"),
     ("teacher", "target_mode"): ("chconv", "concat", "average"),
+    ("teacher", "projection_balance"): ("none", "equal_variance", "split"),
     ("teacher", "dtype"): ("float32", "bfloat16"),
     ("student", "arch"): ("hubert", "wavlm", "wav2vec2"),
     ("student", "head_mode"): ("predict", "layer_to_layer"),

@@ -347,6 +347,8 @@ def evaluate(
     result: dict[str, Any] = {
         "target": str(t.path), "kind": t.kind, "weights": str(t.source),
         "teacher": t.teacher.config if t.teacher is not None else None,
+        # How much of each upstream the teacher's projection keeps: read beside the probes.
+        "projection": t.teacher.projection_report if t.teacher is not None else None,
         "dataset": dataclasses.asdict(t.data) if t.data is not None else None, "max_items": max_items,
         "files": {"eval_json": str(out / JSON_NAME), "plot": None, "probe_plot": None},
     }

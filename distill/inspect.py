@@ -1,4 +1,6 @@
-"""`fusion-distill inspect-teacher`: what the recipe's teacher is and what one forward costs."""
+"""`fusion-distill inspect-teacher`: what the recipe's teacher is, what one forward costs, and how
+much of each upstream its projection keeps (a saved teacher's diagnostics, or with `fit_pca` a PCA
+fitted here on the recipe's training audio)."""
 
 from __future__ import annotations
 
@@ -8,19 +10,38 @@ from tqdm.auto import tqdm
 
 from teachers import FusedTeacher, describe
 
+from .build import pca_waveforms
 from .config import RecipeConfig
+from .data import load_audio_dataset
+from .plots import format_projection
 
 __all__ = ["inspect_teacher", "format_teacher_report"]
 
 
-def inspect_teacher(cfg: RecipeConfig, seconds: float = 10.0) -> str:
-    """Build the teacher (a progress bar while upstreams load) and return the printed report."""
+def inspect_teacher(cfg: RecipeConfig, seconds: float = 10.0, fit_pca: bool = False) -> str:
+    """Build the teacher (a progress bar while upstreams load) and return the printed report.
+
+    fit_pca: fit the PCA projection on up to `teacher.pca_max_utterances` training utterances
+    (as `train` does) to report what each upstream keeps; off by default, since with base-size
+    upstreams on a CPU that takes minutes.
+    """
     tcfg = asdict(cfg.teacher)
     with tqdm(total=len(cfg.teacher.upstreams), desc="loading upstreams", unit="model") as bar:
         teacher = FusedTeacher.from_config(tcfg, progress=lambda *_: bar.update(1))
+    pca = cfg.teacher.projection_fit == "pca" and teacher.projection is not None
+    if fit_pca and pca:
+        # The same sample train fits on: a seeded shuffle of the training split.
+        train_set = load_audio_dataset(cfg.data, cfg.data.train_split_name).shuffle(seed=cfg.training.seed)
+        teacher.fit_pca(pca_waveforms(train_set, cfg.teacher.pca_max_utterances, cfg.data.sampling_rate,
+                                      teacher.min_samples))
     # Timing needs a usable projection; an unfitted PCA is timed as fitted (the cost is the same).
     teacher.fitted = True
-    return format_teacher_report(describe(teacher, seconds=seconds))
+    report = format_teacher_report(describe(teacher, seconds=seconds))
+    if teacher.projection_report is not None:
+        return report + "\n" + format_projection(teacher.projection_report)
+    if pca:
+        return report + "\nprojection: PCA not fitted here; --fit-pca fits it on the training audio and shows how much of each upstream it keeps"
+    return report
 
 
 def format_teacher_report(info: dict) -> str:

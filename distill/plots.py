@@ -16,7 +16,7 @@ from typing import Any
 from .cost import Cost, cost_table
 
 __all__ = ["plot_layer_similarity", "plot_probe_scores", "format_similarity", "format_probes", "format_cost",
-           "format_report"]
+           "format_projection", "format_report"]
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +128,26 @@ def format_probes(section: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_projection(report: dict[str, Any] | None) -> str:
+    """The fused teacher's projection diagnostics (FusedTeacher.projection_report): the share of
+    each upstream's own variance the projection keeps, and a warning line under the threshold."""
+    if not report:
+        return "projection: no diagnostics (not a PCA-fitted projection, or fitted before they existed)"
+    lines = [f"projection ({report['fit']}, balance {report['balance']}, {report['projection_dim']} dims, "
+             f"{report['frames']} frames): keeps {report['explained_variance']:.1%} of the variance",
+             "| upstream | width | share of variance | kept |", "|---|---:|---:|---:|"]
+    low = []
+    for row in report["upstreams"]:
+        name = Path(row["upstream"]).name if Path(row["upstream"]).is_absolute() else row["upstream"]
+        lines.append(f"| {name} | {row['width']} | {row['variance_share']:.1%} | {row['kept']:.1%} |")
+        if row["kept"] < report["threshold"]:
+            low.append(name)
+    if low:
+        lines.append(f"warning: the projection keeps less than {report['threshold']:.0%} of {', '.join(low)}; "
+                     "try teacher.projection_balance=equal_variance or split, or a larger projection_dim")
+    return "\n".join(lines)
+
+
 def format_cost(section: dict[str, Any]) -> str:
     """Markdown cost table (distill.cost.cost_table) with ratios against the reference row."""
     if "skipped" in section:
@@ -143,6 +163,8 @@ def format_report(result: dict[str, Any]) -> str:
     """The three tables and where the files went, as the CLI prints them."""
     files = result["files"]
     written = [files["eval_json"]] + [files[k] for k in ("plot", "probe_plot") if files.get(k)]
-    parts = [format_similarity(result["similarity"]), format_probes(result["probes"]), format_cost(result["cost"]),
-             "wrote " + ", ".join(written)]
+    parts = [format_similarity(result["similarity"]), format_probes(result["probes"])]
+    if result.get("teacher") is not None:  # eval.json files written before the diagnostics have no "projection"
+        parts.append(format_projection(result.get("projection")))
+    parts += [format_cost(result["cost"]), "wrote " + ", ".join(written)]
     return "\n\n".join(parts)

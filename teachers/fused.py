@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,10 +34,12 @@ from torch import nn
 from .align import WAV2VEC_RECEPTIVE_FIELD, align_frames, align_layers
 from .inputs import FrameSpec, Waveforms, as_waveform_list, frame_mask, iter_batches, resolve_frame_counts
 from .interfaces import HConv, WeightedSum
-from .pca import CovarianceAccumulator
+from .pca import BALANCES, LOW_RETENTION, CovarianceAccumulator, retained_variance
 from .upstream import SAMPLING_RATE, Upstream, UpstreamOutput, load_upstream, resolve_dtype
 
 __all__ = ["canonical_spec", "read_saved_config", "FusedTeacher", "TeacherOutput", "CONFIG_NAME", "WEIGHTS_NAME"]
+
+logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "fused_teacher.json"
 WEIGHTS_NAME = "fusion.safetensors"
@@ -44,10 +47,11 @@ _CHOICES = {
     "fusion": ("weighted_sum", "hconv", "chconv", "add_hconv"),
     "projection_fit": ("pca", "supervised", "none"),
     "target_mode": ("chconv", "concat", "average"),
+    "projection_balance": BALANCES,
 }
 _DEFAULTS = dict(
     fusion="chconv", projection_dim=768, projection_fit="pca", target_layers=None, normalize=True,
-    dtype="float32", target_mode="chconv", include_interface_output=False,
+    dtype="float32", target_mode="chconv", include_interface_output=False, projection_balance="none",
 )
 _RECIPE_ONLY = ("pretrained", "pca_max_utterances")  # recipe keys that are not teacher structure
 # Keys that define what the saved fusion weights mean; a pretrained folder must agree on them.
@@ -92,9 +96,10 @@ class FusedTeacher(nn.Module):
         target_mode: str = "chconv",
         include_interface_output: bool = False,
         specs: Optional[Sequence[Any]] = None,
+        projection_balance: str = "none",
     ):
         super().__init__()
-        _check_settings(fusion, projection_fit, target_mode, include_interface_output)
+        _check_settings(fusion, projection_fit, target_mode, include_interface_output, projection_balance)
         self.upstreams = nn.ModuleList(upstreams)
         self.specs = [canonical_spec(s) for s in specs] if specs is not None else [u.name for u in upstreams]
         self.dims = [u.hidden_size for u in upstreams]
@@ -102,6 +107,9 @@ class FusedTeacher(nn.Module):
         self.fusion, self.projection_fit, self.target_mode = fusion, projection_fit, target_mode
         self.projection_dim, self.normalize = projection_dim, bool(normalize)
         self.include_interface_output = bool(include_interface_output)
+        self.projection_balance = projection_balance
+        # What fit_pca measured (per-upstream retained variance); saved and loaded with the weights.
+        self.projection_report: Optional[dict] = None
         self.target_dim = self._resolve_target_dim()
         self.target_layer_ids = _target_layer_ids(target_layers, self.num_aligned_layers)
         # Fixed seed: an unfitted teacher is the same in every process (hashes, tests).
@@ -148,7 +156,7 @@ class FusedTeacher(nn.Module):
         dtype = resolve_dtype(settings.pop("dtype"))
         # Fail on a bad recipe before spending minutes loading upstreams.
         _check_settings(settings["fusion"], settings["projection_fit"], settings["target_mode"],
-                        settings["include_interface_output"])
+                        settings["include_interface_output"], settings["projection_balance"])
         upstreams = _load_upstreams(cfg["upstreams"], dtype, progress)
         teacher = cls(upstreams, specs=cfg["upstreams"], **settings)
         if pretrained:
@@ -190,6 +198,7 @@ class FusedTeacher(nn.Module):
             "dtype": "bfloat16" if self.upstreams[0].dtype == torch.bfloat16 else "float32",
             "target_mode": self.target_mode,
             "include_interface_output": self.include_interface_output,
+            "projection_balance": self.projection_balance,
         }
 
     def fusion_state_dict(self) -> dict[str, torch.Tensor]:
@@ -268,8 +277,12 @@ class FusedTeacher(nn.Module):
         sampling_rate: int = SAMPLING_RATE,
     ) -> float:
         """Fit the projection to the top principal directions of the normalised concatenated
-        features (every aligned layer pooled), streaming the audio. Stops after `max_frames`
-        time frames. Returns the explained variance ratio of the kept directions.
+        features (every aligned layer pooled), streaming the audio, balanced between upstreams by
+        `projection_balance` (teachers/pca.py). Stops after `max_frames` time frames.
+
+        Returns the share of the concatenation's variance the projection keeps. Per upstream, the
+        share of that upstream's own variance kept is in `projection_report` (saved with the
+        teacher) and logged; an upstream below LOW_RETENTION (50%) is named in a warning.
         """
         if self.projection is None:
             raise ValueError(f"FusedTeacher.fit_pca: target_mode={self.target_mode} has no projection to fit")
@@ -282,20 +295,32 @@ class FusedTeacher(nn.Module):
                 seen += n
             if max_frames is not None and seen >= max_frames:
                 break
-        weight, bias = stats.principal_projection(self.target_dim)
+        weight, bias = stats.principal_projection(self.target_dim, self.dims, self.projection_balance)
         with torch.no_grad():
             self.projection.weight.copy_(weight)
             self.projection.bias.copy_(bias)
         # Under projection_fit=supervised PCA is only an initialisation; training still has to run.
         self.fitted = self.fitted or self.projection_fit == "pca"
-        return stats.explained_variance_ratio(self.target_dim)
+        self.projection_report = self._projection_report(stats, weight)
+        _log_projection_report(self.projection_report)
+        return self.projection_report["explained_variance"]
+
+    def _projection_report(self, stats: CovarianceAccumulator, weight: torch.Tensor) -> dict:
+        covariance = stats.covariance().cpu()
+        kept, total = retained_variance(covariance, weight, self.dims)
+        variances = [float(b.sum()) for b in torch.split(torch.diagonal(covariance), self.dims)]
+        rows = [{"upstream": u.name, "width": d, "variance_share": v / max(sum(variances), 1e-300), "kept": k}
+                for u, d, v, k in zip(self.upstreams, self.dims, variances, kept)]
+        return {"fit": "pca", "balance": self.projection_balance, "projection_dim": self.target_dim,
+                "frames": stats.count, "explained_variance": total, "threshold": LOW_RETENTION, "upstreams": rows}
 
     # ----------------------------------------------------------------- saving
     def save_pretrained(self, folder: Union[str, Path]) -> Path:
         """Write fused_teacher.json (config) and fusion.safetensors (projection + interface)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        record = {"format": "fusion-distill/fused-teacher", "version": 1, "fitted": self.fitted, "config": self.config}
+        record = {"format": "fusion-distill/fused-teacher", "version": 1, "fitted": self.fitted, "config": self.config,
+                  "projection_report": self.projection_report}
         (folder / CONFIG_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         save_file(self.fusion_state_dict(), str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
         return folder
@@ -316,10 +341,31 @@ class FusedTeacher(nn.Module):
             if module is not None:
                 module.load_state_dict({k[len(prefix) + 1:]: v for k, v in weights.items() if k.startswith(prefix + ".")})
         self.fitted = bool(saved.get("fitted", True))
+        self.projection_report = saved.get("projection_report")
 
 
-def _check_settings(fusion: str, projection_fit: str, target_mode: str, include_interface_output: bool) -> None:
-    for key, value in dict(fusion=fusion, projection_fit=projection_fit, target_mode=target_mode).items():
+def _log_projection_report(report: dict) -> None:
+    parts = ", ".join(f"{_short(row['upstream'])} {row['kept']:.1%}" for row in report["upstreams"])
+    logger.info("PCA projection (balance %s) to %d dims keeps %.1f%% of the variance; per upstream: %s",
+                report["balance"], report["projection_dim"], 100 * report["explained_variance"], parts)
+    for index, row in enumerate(report["upstreams"]):
+        if row["kept"] < report["threshold"]:
+            logger.warning("PCA projection keeps only %.1f%% of upstream %d (%s)'s own variance (< %.0f%%); its "
+                           "features may be squeezed out: try teacher.projection_balance=equal_variance or split, "
+                           "or a larger projection_dim", 100 * row["kept"], index, row["upstream"],
+                           100 * report["threshold"])
+
+
+def _short(name: str) -> str:
+    # Saved specs hold local folders as absolute paths; their last part names them in a log line.
+    return Path(name).name if Path(name).is_absolute() else name
+
+
+def _check_settings(fusion: str, projection_fit: str, target_mode: str, include_interface_output: bool,
+                    projection_balance: str = "none") -> None:
+    settings = dict(fusion=fusion, projection_fit=projection_fit, target_mode=target_mode,
+                    projection_balance=projection_balance)
+    for key, value in settings.items():
         if value not in _CHOICES[key]:
             raise ValueError(f"FusedTeacher: {key}={value!r}, expected one of {', '.join(_CHOICES[key])}")
     if fusion == "chconv" and target_mode != "chconv":

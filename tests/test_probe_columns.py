@@ -20,7 +20,7 @@ from conftest import make_wave, tiny_config
 
 from distill.config import DataConfig
 from distill.data import DataError, load_audio_dataset, make_eval_batches
-from distill.evaluate import TEACHER, evaluate, format_probes
+from distill.evaluate import TEACHER, evaluate, format_probes, format_report
 from distill.probe import ProbeTask, is_missing, run_probe, run_probes
 from teachers import FusedTeacher
 
@@ -234,5 +234,8 @@ def test_evaluate_probes_three_label_columns_in_one_call(labelled_corpus, tiny_u
     header = next(line for line in table.splitlines() if line.startswith("| model |"))
     assert header.count("|") == 5 and "ctc:phonemes (cer" in header and "classification:style (accuracy" in header
     assert "classification:style: 2 train / 2 dev utterances without a value" in table
+    # The teacher's projection diagnostics sit beside the probes.
+    assert result["projection"] == teacher.projection_report and result["projection"]["balance"] == "none"
+    assert "projection (pca, balance none, 16 dims" in format_report(result)
     plot = Path(result["files"]["probe_plot"])
     assert plot == tmp_path / "eval" / "probe_scores.png" and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
