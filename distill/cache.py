@@ -2,6 +2,9 @@
 
     fusion-distill cache-targets RECIPE --out CACHE
     fusion-distill train RECIPE data.targets_cache=CACHE
+    # and for evaluation while training (training.eval_steps), the eval split with the same teacher:
+    fusion-distill cache-targets RECIPE --split dev --teacher CACHE/teacher --out CACHE_DEV
+    fusion-distill train RECIPE data.targets_cache=CACHE data.eval_targets_cache=CACHE_DEV
 
 `cache_targets` writes, under CACHE:
 - `teacher/`: the exact fused teacher the targets came from (save_pretrained), so a cache is
@@ -71,12 +74,14 @@ def cache_targets(
     *,
     batch_size: int = 8,
     device: Optional[Union[str, torch.device]] = None,
+    split: Optional[str] = None,
 ) -> Path:
-    """Run the recipe's teacher once over every utterance of the train split; return `out_dir`.
+    """Run the recipe's teacher once over every utterance of a split; return `out_dir`.
 
-    `teacher`: a fitted teacher to use instead of `build_teacher(cfg, ...)`; it is saved to
-    out_dir/teacher either way. `batch_size` utterances go through the teacher together (it runs
-    them unpadded). `device` (also where the PCA is fitted) defaults to CUDA when available.
+    `split`: default data.train_split_name; another split (the eval split) gets the same teacher,
+    whose PCA is still fitted on the train split. `teacher`: a fitted teacher to use instead of
+    `build_teacher(cfg, ...)`; it is saved to out_dir/teacher either way. `batch_size`
+    utterances go through the teacher together (it runs them unpadded). `device` (also where the PCA is fitted) defaults to CUDA when available.
     Streamed datasets are refused: shards follow dataset rows, and training looks targets up by id.
     """
     if shard_size < 1:
@@ -86,10 +91,12 @@ def cache_targets(
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     data = cfg.data
-    dataset = load_audio_dataset(data, data.train_split_name)
+    split = split or data.train_split_name
+    dataset = load_audio_dataset(data, split)
     if teacher is None:
-        teacher = build_teacher(cfg, dataset, save_dir=out / TEACHER_DIR, device=device)
-    manifest = _start_manifest(out, teacher, cfg, shard_size)
+        fit_on = dataset if split == data.train_split_name else load_audio_dataset(data, data.train_split_name)
+        teacher = build_teacher(cfg, fit_on, save_dir=out / TEACHER_DIR, device=device)
+    manifest = _start_manifest(out, teacher, cfg, shard_size, split)
     teacher.save_pretrained(out / TEACHER_DIR)  # also when reused: keeps the files the manifest hashes
     manifest["teacher_files"] = _teacher_checksums(out / TEACHER_DIR)
     teacher.to(device).eval()
@@ -115,7 +122,7 @@ def cache_targets(
     return out
 
 
-def _start_manifest(out: Path, teacher: FusedTeacher, cfg: RecipeConfig, shard_size: int) -> dict:
+def _start_manifest(out: Path, teacher: FusedTeacher, cfg: RecipeConfig, shard_size: int, split: str) -> dict:
     """The existing manifest when it was made for the same teacher, data and sharding, else a new one."""
     header = {
         "format": FORMAT, "version": VERSION, "teacher_hash": teacher.config_hash(), "teacher_dir": TEACHER_DIR,
@@ -125,7 +132,7 @@ def _start_manifest(out: Path, teacher: FusedTeacher, cfg: RecipeConfig, shard_s
         # Shorter audio gives the teacher no frame; the train loader drops it too.
         "min_samples": teacher.min_samples,
         "dataset": {"name": cfg.data.dataset_name, "config": cfg.data.dataset_config_name,
-                    "split": cfg.data.train_split_name},
+                    "split": split},
         "shard_size": shard_size,
     }
     path = out / MANIFEST_NAME

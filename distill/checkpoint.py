@@ -4,10 +4,15 @@ A checkpoint is written to a hidden temporary folder and renamed into place only
 process has finished writing, so a kill during a save never leaves a folder that
 `--resume-from latest` would pick up half-written. The step comes from the saved TrainState,
 never from the folder name; names are only used to order checkpoints for rotation.
+
+With evaluation during training, the checkpoint with the best eval loss holds a `best_checkpoint`
+marker and the run folder a `best_checkpoint.json` (step, folder, eval figures); rotation keeps
+the `save_total_limit` newest checkpoints plus that one, whatever its age.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -17,10 +22,15 @@ import torch
 from accelerate import Accelerator
 from omegaconf import OmegaConf
 
-__all__ = ["CHECKPOINT_PREFIX", "save_checkpoint", "list_checkpoints", "find_checkpoint", "load_weights_strict"]
+__all__ = [
+    "CHECKPOINT_PREFIX", "BEST_FILE", "save_checkpoint", "list_checkpoints", "find_checkpoint", "mark_best",
+    "read_best", "load_weights_strict",
+]
 
 CHECKPOINT_PREFIX = "checkpoint-"
 COMPLETE_MARKER = "checkpoint_complete"
+BEST_MARKER = "best_checkpoint"  # inside the checkpoint folder: rotation never deletes it
+BEST_FILE = "best_checkpoint.json"  # in the run folder: which checkpoint, and its eval figures
 _NAME = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 
 
@@ -67,6 +77,28 @@ def find_checkpoint(out: Path, which: str) -> Path:
     return path
 
 
+def mark_best(out: Path, step: int, record: dict, total_limit: int | None) -> Path:
+    """Mark checkpoint-STEP as the best (main process only); unmark the previous one and rotate."""
+    best = out / f"{CHECKPOINT_PREFIX}{step}"
+    if not (best / COMPLETE_MARKER).exists():
+        raise FileNotFoundError(f"{best}: no complete checkpoint to mark as the best")
+    (best / BEST_MARKER).write_text(json.dumps(record) + "\n")
+    for path in list_checkpoints(out):
+        if path != best:
+            (path / BEST_MARKER).unlink(missing_ok=True)
+    tmp = out / f".{BEST_FILE}.tmp"
+    tmp.write_text(json.dumps({"step": step, "checkpoint": best.name, "eval": record}, indent=1) + "\n")
+    os.replace(tmp, out / BEST_FILE)
+    _rotate(out, total_limit)
+    return best
+
+
+def read_best(out: Path) -> dict | None:
+    """The run's best_checkpoint.json ({"step", "checkpoint", "eval"}), or None without one."""
+    path = Path(out) / BEST_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def load_weights_strict(module: torch.nn.Module, weights: dict[str, torch.Tensor], source: str, hint: str = "") -> None:
     """Load `weights` into `module`, or raise one line naming missing, unexpected and reshaped keys."""
     expected = module.state_dict()
@@ -81,7 +113,9 @@ def load_weights_strict(module: torch.nn.Module, weights: dict[str, torch.Tensor
 
 
 def _rotate(out: Path, total_limit: int | None) -> None:
+    # The newest `total_limit` stay (resume needs the latest); so does the best, however old.
     if not total_limit or total_limit < 1:
         return
     for path in list_checkpoints(out)[:-total_limit]:
-        shutil.rmtree(path)
+        if not (path / BEST_MARKER).exists():
+            shutil.rmtree(path)

@@ -1,7 +1,7 @@
 """`fusion-distill` / `python -m distill`: one subcommand per stage.
 
     fusion-distill inspect-teacher RECIPE
-    fusion-distill cache-targets RECIPE --out DIR [--shard-size N] [key=value ...]
+    fusion-distill cache-targets RECIPE --out DIR [--split SPLIT] [--teacher DIR] [--shard-size N] [key=value ...]
     fusion-distill fit-teacher RECIPE --out DIR [--task ctc|classification] [--column C] [--max-items N] [--device D]
     fusion-distill train RECIPE [--output-dir DIR] [--resume-from latest|DIR] [key=value ...]
     fusion-distill evaluate (RUN_DIR | STUDENT_DIR) [--teacher DIR] [--data DATA] [--no-probe] [--no-cost]
@@ -45,11 +45,19 @@ def _cmd_inspect_teacher(args: argparse.Namespace) -> None:
 
 
 def _cmd_cache_targets(args: argparse.Namespace) -> None:
+    from teachers import FusedTeacher
+
     from .cache import cache_targets
     from .config import load_recipe
 
-    folder = cache_targets(load_recipe(args.recipe, args.overrides), args.out, shard_size=args.shard_size, batch_size=args.batch_size)
-    print(f"targets cached in {folder}\ntrain from them: fusion-distill train {args.recipe} data.targets_cache={folder}")
+    cfg = load_recipe(args.recipe, args.overrides)
+    teacher = FusedTeacher.from_pretrained(args.teacher) if args.teacher else None
+    folder = cache_targets(cfg, args.out, shard_size=args.shard_size, teacher=teacher, batch_size=args.batch_size, split=args.split)
+    if args.split and args.split != cfg.data.train_split_name:
+        print(f"{args.split} targets cached in {folder}\nevaluate on them while training: fusion-distill train {args.recipe} "
+              f"data.eval_split_name={args.split} data.eval_targets_cache={folder} training.eval_steps=N")
+    else:
+        print(f"targets cached in {folder}\ntrain from them: fusion-distill train {args.recipe} data.targets_cache={folder}")
 
 
 def _cmd_fit_teacher(args: argparse.Namespace) -> None:
@@ -107,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="cache folder (rerun to resume or repair it)")
     p.add_argument("--shard-size", type=int, default=256, help="dataset rows per shard")
     p.add_argument("--batch-size", type=int, default=8, help="utterances per teacher forward")
+    p.add_argument("--split", help="split to cache (default: data.train_split_name); the eval split feeds data.eval_targets_cache")
+    p.add_argument("--teacher", help="a saved fused teacher to use (e.g. the train cache's teacher/), so both caches share it")
     p.set_defaults(func=_cmd_cache_targets)
 
     p = sub.add_parser("fit-teacher", help="fit projection + interface on labels with frozen upstreams")

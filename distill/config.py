@@ -87,6 +87,9 @@ class DataConfig:
     bucket_size: int = 64  # utterances per length bucket (streaming: shuffle buffer)
     dataloader_num_workers: int = 0
     targets_cache: Optional[str] = None  # folder written by `cache-targets`
+    # `cache-targets --split EVAL_SPLIT` folder: eval targets for training.eval_steps read from
+    # disk (large eval sets); without it the teacher computes them once per run and keeps them in RAM.
+    eval_targets_cache: Optional[str] = None
 
 
 @dataclass
@@ -111,6 +114,19 @@ class TrainingConfig:
     save_steps: int = 100
     save_total_limit: Optional[int] = 2
     report_to: Optional[str] = "tensorboard"  # tensorboard | none
+    # Held-out evaluation during training (distill/validation.py): every eval_steps optimizer
+    # steps and at the end, on data.eval_split_name. None: no evaluation while training.
+    eval_steps: Optional[int] = None
+    eval_max_items: int = 200  # eval utterances (the same crops every time); their targets stay in RAM
+    # Export the checkpoint with the best eval loss instead of the last one. None: true when evaluating.
+    load_best_at_end: Optional[bool] = None
+    # Stop when the eval loss has not improved for this many evaluations (a checkpoint is written first).
+    early_stopping_patience: Optional[int] = None
+    # Convergence report: the eval-loss slope is fitted over the last convergence_window evals;
+    # a relative drop faster than convergence_min_slope per eval means "still improving" (at
+    # 0.5%/eval, four more evals would still gain about 2%).
+    convergence_window: int = 4
+    convergence_min_slope: float = 0.005
 
 
 @dataclass
@@ -184,6 +200,25 @@ def _check_choices(cfg: RecipeConfig, path: Path) -> None:
         raise RecipeError(f"{path}: teacher.projection_fit=supervised needs teacher.pretrained (a folder from fit-teacher)")
     if not cfg.teacher.upstreams:
         raise RecipeError(f"{path}: teacher.upstreams is empty, expected at least one model")
+    _check_eval(cfg, path)
+
+
+def _check_eval(cfg: RecipeConfig, path: Path) -> None:
+    """Evaluation settings that could only fail hours into a run are refused when the recipe loads."""
+    t = cfg.training
+    positive = {"eval_steps": t.eval_steps, "eval_max_items": t.eval_max_items, "early_stopping_patience": t.early_stopping_patience}
+    for key, value in positive.items():
+        if value is not None and value < 1:
+            raise RecipeError(f"{path}: training.{key}={value}, expected >= 1")
+    if t.convergence_window < 2:
+        raise RecipeError(f"{path}: training.convergence_window={t.convergence_window}, expected >= 2 (a slope needs two evaluations)")
+    if t.eval_steps is None:
+        needs_eval = [k for k in ("early_stopping_patience", "load_best_at_end") if getattr(t, k)]
+        if needs_eval:
+            raise RecipeError(f"{path}: training.{needs_eval[0]} needs training.eval_steps (evaluation while training)")
+        return
+    if not cfg.data.eval_split_name:
+        raise RecipeError(f"{path}: training.eval_steps={t.eval_steps} needs data.eval_split_name (the held-out split to evaluate on)")
 
 
 def _one_line(err: OmegaConfBaseException) -> str:

@@ -50,6 +50,7 @@ from .data import load_audio_dataset, make_eval_batches
 # The format_* helpers are re-exported here: `evaluate` and its tables are one surface for the CLI.
 from .plots import format_cost, format_probes, format_report, format_similarity, plot_layer_similarity, plot_probe_scores
 from .probe import ProbeTask, hf_encoder_extractor, is_missing, run_probes, teacher_extractor
+from .validation import read_eval_log
 
 __all__ = [
     "EvalTarget", "load_target", "evaluate", "prediction_similarity", "probe_all", "cost_all",
@@ -354,7 +355,10 @@ def evaluate(
     }
     result["similarity"] = _similarity_part(t, max_items, batch_size)
     if "layers" in result["similarity"]:
-        plot = plot_layer_similarity(result["similarity"]["layers"], out / PLOT_NAME, f"{t.path.name}: student vs teacher")
+        # A run that evaluated while training adds its eval curve (eval_log.jsonl) beside the bars.
+        result["training_eval"] = read_eval_log(t.path) if t.kind == "run" else []
+        plot = plot_layer_similarity(result["similarity"]["layers"], out / PLOT_NAME, f"{t.path.name}: student vs teacher",
+                                     eval_history=result["training_eval"])
         result["files"]["plot"] = str(plot) if plot else None
     if not probe:
         result["probes"] = {"skipped": "probes switched off"}

@@ -23,10 +23,14 @@ logger = logging.getLogger(__name__)
 _SHORT_DTYPE = {"float32": "fp32", "bfloat16": "bf16"}
 
 
-def plot_layer_similarity(layers: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path | None:
+def plot_layer_similarity(
+    layers: Sequence[dict[str, Any]], path: str | Path, title: str = "", eval_history: Sequence[dict[str, Any]] = ()
+) -> Path | None:
     """Cosine similarity and L1 distance per target layer, side by side, written to `path` (PNG).
 
     `layers` are the rows of eval.json's similarity section (keys teacher_layer, cosine, l1).
+    `eval_history`: the run's evaluations while training (eval_log.jsonl records, keys step and
+    cos/k); when given, a third panel draws each layer's cosine against the step.
     Returns the path, or None when matplotlib is not installed (a note is logged instead).
     """
     try:
@@ -36,8 +40,8 @@ def plot_layer_similarity(layers: Sequence[dict[str, Any]], path: str | Path, ti
         return None
     labels = [str(row["teacher_layer"]) for row in layers]
     positions = list(range(len(layers)))
-    fig = Figure(figsize=(8, 3.2), layout="constrained")
-    cos_ax, l1_ax = fig.subplots(1, 2)
+    fig = Figure(figsize=(12 if eval_history else 8, 3.2), layout="constrained")
+    cos_ax, l1_ax, *curve_ax = fig.subplots(1, 3 if eval_history else 2)
     cos_ax.bar_label(cos_ax.bar(positions, [row["cosine"] for row in layers], color="tab:blue"), fmt="%.3f")
     # Cosine lives in [-1, 1]; a fixed range keeps plots of different runs comparable.
     cos_ax.set_ylim(min(0.0, *(row["cosine"] for row in layers)) - 0.05, 1.0)
@@ -48,12 +52,27 @@ def plot_layer_similarity(layers: Sequence[dict[str, Any]], path: str | Path, ti
         ax.set_xticks(positions, labels)
         ax.set_xlabel("teacher target layer")
         ax.grid(axis="y", alpha=0.3)
+    if curve_ax:
+        _eval_curve(curve_ax[0], eval_history, labels)
     if title:
         fig.suptitle(title)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     return path
+
+
+def _eval_curve(ax, history: Sequence[dict[str, Any]], labels: Sequence[str]) -> None:
+    """Per target layer, the held-out cosine at each evaluation; the best eval loss is marked."""
+    steps = [record["step"] for record in history]
+    for k, label in enumerate(labels):
+        ax.plot(steps, [record[f"cos/{k}"] for record in history], marker=".", label=f"layer {label}")
+    best = min(history, key=lambda record: record["loss"])
+    ax.axvline(best["step"], color="grey", linestyle="--", linewidth=1, label=f"best eval loss (step {best['step']})")
+    ax.set_title("eval cosine while training (flat = learned)")
+    ax.set_xlabel("optimizer step")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
 
 
 def plot_probe_scores(section: dict[str, Any], path: str | Path, title: str = "") -> Path | None:

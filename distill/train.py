@@ -16,7 +16,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Optional
 
 import datasets
 import torch
@@ -29,11 +29,12 @@ from transformers import get_scheduler
 
 from .build import build_distill_student, build_teacher
 from .cache import TargetCache
-from .checkpoint import find_checkpoint, save_checkpoint
+from .checkpoint import CHECKPOINT_PREFIX, find_checkpoint, mark_best, save_checkpoint
 from .config import RecipeConfig
 from .data import SkipCounter, load_audio_dataset, make_train_dataloader
 from .export import export_run
 from .losses import distill_loss
+from .validation import Evaluator
 
 __all__ = ["TrainState", "train", "loss_step"]
 
@@ -49,6 +50,10 @@ class TrainState:
     batches_in_epoch: int = 0  # dataloader batches this process consumed in the current epoch
     samples_seen: int = 0  # per process
     skipped: dict = field(default_factory=dict)  # reason -> utterances skipped so far
+    # Evaluation while training: saved here so a resumed run keeps its best and its patience.
+    eval_history: list = field(default_factory=list)  # [step, eval loss] per evaluation
+    best_step: Optional[int] = None
+    best_loss: Optional[float] = None
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -123,12 +128,16 @@ def train(cfg: RecipeConfig, resume_from: str | None = None) -> Path:
         student, optimizer, loader, scheduler = accelerator.prepare(student, optimizer, loader, scheduler)
     state = TrainState()
     accelerator.register_for_checkpointing(state)
+    # Teacher targets of the eval crops, once; after the student's init so no RNG draw moves.
+    evaluator = Evaluator.build(cfg, accelerator, student, teacher, cache, out) if t.eval_steps else None
 
     # --- resume ---
     if resume_from:
         checkpoint = find_checkpoint(out, resume_from)
         accelerator.load_state(str(checkpoint))
         accelerator.print(f"resumed from {checkpoint} at step {state.step}")
+        if evaluator is not None:
+            evaluator.forget_after(accelerator, state.step)
 
     effective_batch = t.per_device_train_batch_size * accelerator.num_processes * t.gradient_accumulation_steps
     accelerator.print(
@@ -140,10 +149,12 @@ def train(cfg: RecipeConfig, resume_from: str | None = None) -> Path:
     skipped = SkipCounter(state.skipped)
     progress = tqdm(total=t.max_steps, initial=state.step, disable=not accelerator.is_local_main_process, desc="distil")
     window_audio, window_start = 0.0, time.perf_counter()
+    postfix: dict[str, str] = {}
+    stopped = False
 
     # --- loop ---
     student.train()
-    while state.step < t.max_steps:
+    while state.step < t.max_steps and not stopped:
         (loader if hasattr(loader, "set_epoch") else loader.dataset).set_epoch(state.epoch)
         batches = accelerator.skip_first_batches(loader, state.batches_in_epoch) if state.batches_in_epoch else loader
         if streaming:
@@ -172,12 +183,26 @@ def train(cfg: RecipeConfig, resume_from: str | None = None) -> Path:
             if state.step % t.logging_steps == 0 or state.step == t.max_steps:
                 speed = window_audio / max(time.perf_counter() - window_start, 1e-9)
                 _log(accelerator, state, loss, parts, scheduler, speed, out)
-                progress.set_postfix(loss=f"{loss.item():.4f}", audio_s_per_s=f"{speed:.1f}")
+                postfix.update(loss=f"{loss.item():.4f}", audio_s_per_s=f"{speed:.1f}")
+                progress.set_postfix(postfix)
                 window_audio, window_start = 0.0, time.perf_counter()
-            if state.step % t.save_steps == 0 or state.step == t.max_steps:
+            # Evaluate before saving: the checkpoint then holds this evaluation in its TrainState.
+            outcome = evaluator(accelerator, student, state) if evaluator is not None and evaluator.due(state.step) else None
+            if outcome is not None:
+                postfix.update(eval_loss=f"{outcome.record['loss']:.4f}", best_step=str(state.best_step))
+                progress.set_postfix(postfix)
+                stopped = outcome.stop
+            if state.step % t.save_steps == 0 or state.step == t.max_steps or (outcome and (outcome.is_best or outcome.stop)):
                 state.skipped = skipped.counts
                 save_checkpoint(accelerator, out, state.step, t.save_total_limit, cfg)
-            if state.step >= t.max_steps:
+            if outcome is not None and outcome.is_best and accelerator.is_main_process:
+                mark_best(out, state.step, outcome.record, t.save_total_limit)
+            if stopped:
+                accelerator.print(
+                    f"early stopping at step {state.step}: no eval-loss improvement in {t.early_stopping_patience} "
+                    f"evaluations (best {state.best_loss:.4f} at step {state.best_step})"
+                )
+            if state.step >= t.max_steps or stopped:
                 break
         else:  # the epoch ran out before max_steps
             if skipped.counts:
@@ -190,12 +215,26 @@ def train(cfg: RecipeConfig, resume_from: str | None = None) -> Path:
     logger.info("rank %d: student weights sha256 %s", accelerator.process_index, _weights_digest(accelerator.unwrap_model(student)))
     if skipped.counts:
         accelerator.print(skipped.summary())
+    if evaluator is not None:
+        accelerator.print(evaluator.report(state))
     export_dir = out / "student"
     if accelerator.is_main_process:
-        export_run(out, export_dir, student=accelerator.unwrap_model(student))
-        accelerator.print(f"student exported to {export_dir}")
+        best = _best_to_export(cfg, state, out)
+        if best is not None:
+            export_run(out, export_dir, checkpoint=best)
+        else:
+            export_run(out, export_dir, student=accelerator.unwrap_model(student))
+        accelerator.print(f"student exported to {export_dir}" + (f" from the best eval checkpoint {best.name}" if best else ""))
     accelerator.end_training()
     return export_dir
+
+
+def _best_to_export(cfg: RecipeConfig, state: TrainState, out: Path) -> Optional[Path]:
+    """The best eval checkpoint when load_best_at_end asks for it and it is not the final student."""
+    load_best = cfg.training.load_best_at_end
+    if load_best is False or cfg.training.eval_steps is None or state.best_step in (None, state.step):
+        return None
+    return out / f"{CHECKPOINT_PREFIX}{state.best_step}"
 
 
 def _any_rank(accelerator: Accelerator, flag: bool) -> bool:
