@@ -1,0 +1,168 @@
+"""Mini SUPERB on synthesised speech: does a student distilled from the FUSED teacher win?
+
+    python -m benchmarks.mini_superb --out runs/mini_superb                 # the shipped config
+    python -m benchmarks.mini_superb --config benchmarks/mini_superb/alt.yaml --out runs/mini_alt
+    python -m benchmarks.mini_superb --quick --out runs/mini_quick          # same path, tiny, minutes
+
+Stages (each reuses what a previous run left, keyed by config hashes): synthesise the corpus with
+espeak-ng; train two upstreams (phoneme CTC HuBERT, speaker-ID WavLM) and save them like hub
+models; distil one student from the fused teacher and one from each upstream through
+`fusion-distill train`; fit a supervised projection with `fusion-distill fit-teacher`; probe every
+upstream, fused view and student on four tasks with one budget; fine-tune students end to end with
+stock `AutoModelForCTC`; cost everything on 10 s of audio. Writes OUT/results.json, results.md,
+results.png and prints PASS/FAIL for the three criteria (report.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .config import BenchmarkConfig, config_hash, load_config
+from .corpus import build_corpus
+from .recipes import recipe, write_recipe
+from .report import criteria, markdown, mean_value, plot
+from .sweep import run_sweep
+from .stages import distil, finetune_ctc, fit_supervised, latency, probe, probe_data, student_extractor, teacher_rows
+from .upstreams import train_upstream, upstream_folder
+
+logger = logging.getLogger("mini_superb")
+TEACHERS = ("fused", "content", "speaker")  # student runs: the fused teacher, then each upstream alone
+
+
+def run(cfg: BenchmarkConfig, out: Path, cache_dir: Path, finetune: bool = True, supervised: bool = True,
+        sweep: bool = False) -> dict:
+    timings, start = {}, time.perf_counter()
+
+    def lap(name: str) -> None:
+        timings[name] = round((time.perf_counter() - start) / 60 - sum(timings.values()), 2)
+
+    corpus_info = build_corpus(cfg.corpus, cache_dir / f"corpus-{config_hash(cfg.corpus)}")
+    corpus = cache_dir / f"corpus-{config_hash(cfg.corpus)}"
+    lap("corpus")
+    folders = {n: upstream_folder(cache_dir / "upstreams", n, u, corpus_info["hash"]) for n, u in cfg.upstreams.items()}
+    upstream_reports = {n: train_upstream(n, cfg.upstreams[n], corpus, folders[n]) for n in ("content", "speaker")}
+    lap("upstreams")
+
+    sources = {"fused": [folders["content"], folders["speaker"]], "content": [folders["content"]], "speaker": [folders["speaker"]]}
+    recipes = {n: write_recipe(recipe(cfg, corpus, sources[n], out / "runs" / n), out / "recipes" / f"{n}.yaml") for n in TEACHERS}
+    students = {n: distil(recipes[n], out / "runs" / n) for n in TEACHERS}
+    lap("distil")
+    supervised_dir = None
+    if supervised:
+        supervised_dir = fit_supervised(recipes["fused"], out / "teachers" / "supervised", cfg.teacher.supervised_steps,
+                                        cfg.probe.train_items)
+        lap("fit_teacher")
+
+    rows, costed = [], {}
+    views = teacher_rows(out / "runs" / "fused", supervised_dir)
+    data = probe_data(cfg, corpus, _min_samples(out))
+    for name, group, interface, extract, module in views:
+        rows.append({"name": name, "group": group, "interface": interface, "tasks": probe(name, extract, interface, data, cfg)})
+        costed.setdefault(module, (name, "upstream" if group == "upstream" else "fused"))
+    for n in TEACHERS:
+        extract, model = student_extractor(students[n])
+        name = "student of fused teacher" if n == "fused" else f"student of {n} upstream"
+        rows.append({"name": name, "group": "student", "interface": "weighted_sum", "teacher": n,
+                     "tasks": probe(name, extract, "weighted_sum", data, cfg), "folder": str(students[n])})
+        if n == "fused":  # every student has the same architecture: costed once
+            costed[model] = (name, "student")
+    lap("probe")
+
+    costs = latency({name: (kind, module) for module, (name, kind) in costed.items()})
+    _attach_costs(rows, costs)
+    lap("cost")
+
+    verdict, lines, retention = criteria(rows)
+    result = {"config": asdict(cfg), "corpus": corpus_info, "upstreams": upstream_reports, "rows": rows,
+              "retention": retention, "criteria": verdict, "criteria_lines": lines, "finetune": {}, "timings_min": timings}
+    if finetune:
+        singles = [r for r in rows if r["group"] == "student" and r["name"] != "student of fused teacher"]
+        best = max(singles, key=mean_value)
+        init = Path(students["fused"])
+        result["finetune"] = {
+            "student of fused teacher": finetune_ctc(students["fused"], init, corpus, cfg),
+            best["name"]: finetune_ctc(Path(best["folder"]), init, corpus, cfg),
+            "same architecture, random init": finetune_ctc(None, init, corpus, cfg),
+        }
+        lap("finetune")
+    result["timings_min"] = timings
+    _write(result, out)
+    _card_results(students["fused"], rows, result["finetune"], cfg)
+    for line in lines:
+        print(line)
+    if sweep:
+        run_sweep(cfg, out, corpus, sources, result, data)
+        logger.info("wrote %s, sweep.md and sweep_size.png / sweep_steps.png", out / "sweep.json")
+    return result
+
+
+def _min_samples(out: Path) -> int:
+    from teachers import FusedTeacher
+    return FusedTeacher.from_pretrained(out / "runs" / "fused" / "teacher").min_samples
+
+
+def _attach_costs(rows: list[dict], costs: dict[str, dict]) -> None:
+    student_cost = next(c for name, c in costs.items() if name.startswith("student"))
+    fused_cost = next(c for name, c in costs.items() if name.startswith("fused"))
+    for r in rows:
+        c = costs.get(r["name"]) or (student_cost if r["group"] == "student" else fused_cost)
+        r["params"], r["latency_ms"] = c["params"], c["latency_ms"]
+
+
+def _write(result: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    (out / "results.md").write_text(markdown(result))
+    plot(result, out / "results.png")
+    logger.info("wrote %s, results.md and results.png", out / "results.json")
+
+
+def _card_results(folder: Path, rows: list[dict], finetune: dict, cfg: BenchmarkConfig) -> None:
+    """The fused student's model card gets its probe scores as model-index results."""
+    from huggingface_hub import EvalResult, ModelCard
+
+    card = ModelCard.load(folder / "README.md")
+    student = next(r for r in rows if r["name"] == "student of fused teacher")
+    results = []
+    for task, t in student["tasks"].items():
+        kind, _, column = task.partition(":")
+        metric = "per" if t["lower_is_better"] else "accuracy"
+        results.append(EvalResult(
+            task_type="automatic-speech-recognition" if kind == "ctc" else "audio-classification",
+            task_name=f"{column} probe (frozen encoder, weighted sum + {'linear CTC' if kind == 'ctc' else 'linear'} head)",
+            dataset_type="mini-superb-espeak", dataset_name=f"mini SUPERB ({cfg.name}), test split",
+            metric_type=metric, metric_value=round(t["score"], 4)))
+    card.data.eval_results = results
+    card.data.model_name = folder.parent.name
+    card.save(folder / "README.md")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.mini_superb", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="benchmark config YAML (default: benchmarks/mini_superb/default.yaml)")
+    parser.add_argument("--out", required=True, type=Path, help="results folder")
+    parser.add_argument("--cache-dir", type=Path, help="corpus and trained upstreams (default: OUT/../mini_superb_cache)")
+    parser.add_argument("--quick", action="store_true", help="tiny corpus and budgets: checks the pipeline, not the scores")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
+    parser.add_argument("--sweep", action="store_true", help="also retention vs student size and vs steps (sweep.*)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads here and in every stage (1 on a busy machine)")
+    parser.add_argument("--no-finetune", action="store_true")
+    parser.add_argument("--no-supervised", action="store_true", help="skip the fit-teacher row")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    torch.set_num_threads(args.threads)
+    cfg = load_config(args.config, args.set, quick=args.quick)
+    cache_dir = args.cache_dir or args.out.parent / "mini_superb_cache"
+    result = run(cfg, args.out, cache_dir, finetune=not args.no_finetune, supervised=not args.no_supervised, sweep=args.sweep)
+    return 0 if result["rows"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

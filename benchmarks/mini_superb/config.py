@@ -1,0 +1,191 @@
+"""The benchmark's config: corpus, upstreams, teacher, student and budgets, one YAML file.
+
+`default.yaml` beside this file is the shipped benchmark; `alt.yaml` is a second corpus (other
+languages, voices, words and seed) that must give the same verdicts. `--quick` shrinks sizes and
+budgets (`QUICK_OVERRIDES`) so the same code path runs in a few minutes. Unknown keys and wrong
+types are one-line errors (OmegaConf structured configs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_CONFIG = HERE / "default.yaml"
+
+
+@dataclass
+class SpeakerSpec:
+    variant: str  # espeak-ng voice variant (`-v LANG+VARIANT`)
+    pitch: int  # base pitch, 0-99 (`-p`)
+
+
+@dataclass
+class StyleSpec:
+    speed: int  # words per minute (`-s`)
+    range: str  # SSML prosody range: x-low | low | medium | high | x-high
+    amplitude: int  # 0-200 (`-a`)
+
+
+@dataclass
+class CorpusConfig:
+    seed: int = 0
+    languages: list[str] = field(default_factory=lambda: ["en", "de", "es", "fr"])  # words/<lang>.txt
+    speakers: list[SpeakerSpec] = field(default_factory=list)
+    styles: dict[str, StyleSpec] = field(default_factory=dict)
+    words_per_sentence: list[int] = field(default_factory=lambda: [3, 7])  # inclusive range
+    train: int = 1600
+    dev: int = 240
+    test: int = 240
+    min_seconds: float = 1.0
+    max_seconds: float = 5.0
+
+
+@dataclass
+class UpstreamConfig:
+    """A tiny transformers encoder trained on one task; saved with save_pretrained."""
+
+    arch: str  # hubert | wavlm | wav2vec2
+    task: str  # ctc:COLUMN | classification:COLUMN
+    hidden_size: int = 128
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    intermediate_size: int = 256
+    conv_channels: int = 64  # every layer of the 7-layer wav2vec conv front-end
+    steps: int = 600
+    learning_rate: float = 2e-3
+    warmup_steps: int = 60
+    batch_size: int = 8
+    crop_seconds: Optional[float] = None  # classification crops; CTC always sees whole utterances
+    frame_ce_weight: float = 0.5  # CTC only: flat-start frame cross-entropy head (discarded)
+
+
+@dataclass
+class TeacherSection:
+    fusion: str = "chconv"
+    projection_dim: int = 128
+    target_layers: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
+    pca_max_utterances: int = 256
+    supervised_steps: int = 300  # fit-teacher budget for the supervised-projection row
+
+
+@dataclass
+class StudentSection:
+    hidden_size: int = 112
+    num_hidden_layers: int = 3
+    num_attention_heads: int = 2
+    intermediate_size: int = 224
+    conv_channels: int = 48
+    head_mode: str = "predict"
+
+
+@dataclass
+class DistillSection:
+    steps: int = 1200
+    batch_size: int = 8
+    crop_seconds: float = 3.0
+    learning_rate: float = 1e-3
+    warmup_steps: int = 100
+    eval_steps: Optional[int] = None  # training.eval_steps when the trainer has it
+
+
+@dataclass
+class SweepSection:
+    """`--sweep`: extra students per teacher, each probed like the main ones."""
+
+    teachers: list[str] = field(default_factory=lambda: ["fused", "content"])
+    steps: list[int] = field(default_factory=list)  # at the default student size
+    sizes: dict[str, StudentSection] = field(default_factory=dict)  # at distill.steps
+
+
+@dataclass
+class ProbeSection:
+    steps: int = 300
+    learning_rate: float = 2e-3
+    batch_size: int = 8
+    train_items: int = 480  # utterances of the train split the probe heads learn from
+    test_items: int = 240
+
+
+@dataclass
+class FinetuneSection:
+    steps: int = 300
+    learning_rate: float = 1e-3
+    batch_size: int = 8
+    train_items: int = 800
+
+
+@dataclass
+class BenchmarkConfig:
+    name: str = "default"
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    upstreams: dict[str, UpstreamConfig] = field(default_factory=dict)
+    teacher: TeacherSection = field(default_factory=TeacherSection)
+    student: StudentSection = field(default_factory=StudentSection)
+    distill: DistillSection = field(default_factory=DistillSection)
+    probe: ProbeSection = field(default_factory=ProbeSection)
+    finetune: FinetuneSection = field(default_factory=FinetuneSection)
+    sweep: SweepSection = field(default_factory=SweepSection)
+    tasks: list[str] = field(default_factory=lambda: ["ctc:phonemes", "classification:speaker",
+                                                      "classification:language", "classification:style"])
+
+
+# The same path on a tiny corpus: checks the plumbing and the files, not the scores.
+QUICK_OVERRIDES = [
+    "corpus.train=48", "corpus.dev=12", "corpus.test=16", "corpus.words_per_sentence=[2,4]",
+    "upstreams.content.steps=4", "upstreams.speaker.steps=4", "upstreams.content.warmup_steps=1",
+    "upstreams.speaker.warmup_steps=1", "upstreams.content.hidden_size=32", "upstreams.speaker.hidden_size=32",
+    "upstreams.content.conv_channels=16", "upstreams.speaker.conv_channels=16",
+    "upstreams.content.num_hidden_layers=2", "upstreams.speaker.num_hidden_layers=2",
+    "upstreams.content.intermediate_size=64", "upstreams.speaker.intermediate_size=64",
+    "upstreams.content.num_attention_heads=2", "upstreams.speaker.num_attention_heads=2",
+    "teacher.projection_dim=16", "teacher.target_layers=[1,2]", "teacher.pca_max_utterances=16",
+    "teacher.supervised_steps=4",
+    "student.hidden_size=16", "student.num_hidden_layers=2", "student.intermediate_size=32", "student.conv_channels=16",
+    "distill.steps=4", "distill.warmup_steps=1", "distill.crop_seconds=1.0", "distill.batch_size=4",
+    "probe.steps=4", "probe.train_items=24", "probe.test_items=16",
+    "finetune.steps=4", "finetune.train_items=16",
+    "sweep.steps=[2]",
+]
+# Dict entries merge key by key, so the quick sweep's sizes replace the config's after merging.
+QUICK_SWEEP_SIZES = {"xs": StudentSection(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+                                          conv_channels=8)}
+
+
+class BenchmarkConfigError(ValueError):
+    """A config file that cannot be used; one line naming the file and the key."""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, quick: bool = False) -> BenchmarkConfig:
+    path = Path(path) if path else DEFAULT_CONFIG
+    if not path.exists():
+        raise BenchmarkConfigError(f"benchmark config not found: {path}")
+    merged = OmegaConf.structured(BenchmarkConfig)
+    dotlist = (QUICK_OVERRIDES if quick else []) + list(overrides or [])
+    for source, layer in ((str(path), lambda: OmegaConf.load(path)), ("override", lambda: OmegaConf.from_dotlist(dotlist))):
+        try:
+            merged = OmegaConf.merge(merged, layer())
+        except OmegaConfBaseException as err:
+            key = f" {err.full_key}:" if getattr(err, "full_key", None) else ""
+            raise BenchmarkConfigError(f"{source}:{key} {str(err).splitlines()[0]}") from None
+    cfg: BenchmarkConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    if quick:
+        cfg.sweep.sizes = dict(QUICK_SWEEP_SIZES)
+    if set(cfg.upstreams) != {"content", "speaker"}:
+        raise BenchmarkConfigError(f"{path}: upstreams must be 'content' and 'speaker', got {sorted(cfg.upstreams)}")
+    if not cfg.corpus.speakers or not cfg.corpus.styles or not cfg.corpus.languages:
+        raise BenchmarkConfigError(f"{path}: corpus.speakers, corpus.styles and corpus.languages must not be empty")
+    return cfg
+
+
+def config_hash(section: object) -> str:
+    """A short, stable digest of a config section: what a cached artefact was built from."""
+    text = json.dumps(asdict(section) if not isinstance(section, dict) else section, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]

@@ -1,0 +1,52 @@
+"""Recipes the benchmark hands to `fusion-distill`: one fused teacher, one per single upstream.
+
+They are ordinary recipe YAMLs (data only), written into the output folder so a reader can rerun
+any one of them by hand with `fusion-distill train OUT/recipes/NAME.yaml`. Every student gets the
+same student, data, crops, steps, learning rate and seed; only `teacher.upstreams` differs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from .config import BenchmarkConfig
+
+
+def recipe(cfg: BenchmarkConfig, corpus: Path, upstreams: list[Path], output_dir: Path) -> dict:
+    s, d, t = cfg.student, cfg.distill, cfg.teacher
+    training = {
+        "output_dir": str(output_dir), "seed": 0, "max_steps": d.steps, "learning_rate": d.learning_rate,
+        "warmup_steps": d.warmup_steps, "lr_scheduler_type": "linear", "per_device_train_batch_size": d.batch_size,
+        "logging_steps": max(1, d.steps // 20), "save_steps": d.steps, "save_total_limit": 1, "report_to": "none",
+    }
+    if d.eval_steps:
+        training["eval_steps"] = d.eval_steps
+    return {
+        "teacher": {
+            "upstreams": [str(p) for p in upstreams], "fusion": t.fusion, "projection_dim": t.projection_dim,
+            "projection_fit": "pca", "target_layers": list(t.target_layers), "target_mode": "chconv",
+            "normalize": True, "dtype": "float32", "pca_max_utterances": t.pca_max_utterances,
+        },
+        "student": {
+            "arch": "hubert", "preset": "tiny", "num_hidden_layers": s.num_hidden_layers, "hidden_size": s.hidden_size,
+            "num_attention_heads": s.num_attention_heads, "intermediate_size": s.intermediate_size,
+            "conv_dim": [s.conv_channels] * 7, "head_mode": s.head_mode,
+        },
+        "data": {
+            "dataset_name": str(corpus), "train_split_name": "train", "eval_split_name": "dev",
+            "text_column_name": "phonemes", "label_column_name": "speaker",
+            "min_duration_in_seconds": cfg.corpus.min_seconds, "max_duration_in_seconds": cfg.corpus.max_seconds,
+            "max_crop_seconds": d.crop_seconds, "bucket_size": 32,
+        },
+        "loss": {"cos_weight": 1.0},
+        "training": training,
+    }
+
+
+def write_recipe(body: dict, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = "# Written by python -m benchmarks.mini_superb; rerun with: fusion-distill train THIS_FILE\n"
+    path.write_text(header + OmegaConf.to_yaml(OmegaConf.create(body)))
+    return path

@@ -1,0 +1,208 @@
+"""The benchmark's stages, each through the project's public CLI or API.
+
+- distil: `python -m distill train RECIPE` in a real process, one per teacher;
+- fit: `python -m distill fit-teacher` for the supervised-projection row;
+- probe: `distill.probe.run_probes` on features from `teacher_extractor` / `hf_encoder_extractor`;
+- fine-tune: a stock `AutoModelForCTC.from_pretrained(student_folder)` in a plain loop;
+- cost: `distill.cost` jobs on 10 s of audio, interleaved rounds, one run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from transformers import AutoModel, AutoModelForCTC, Wav2Vec2FeatureExtractor, get_scheduler
+
+from distill.build import single_upstream_teacher
+from distill.config import DataConfig
+from distill.cost import audio_encoder_job, fused_teacher_job, measure_jobs, student_job
+from distill.data import load_audio_dataset, make_eval_batches
+from distill.metrics import edit_distance
+from distill.probe import ProbeTask, hf_encoder_extractor, run_probes, teacher_extractor
+from teachers import FusedTeacher
+
+from .config import BenchmarkConfig
+
+logger = logging.getLogger(__name__)
+REPO = Path(__file__).resolve().parents[2]
+
+
+# ----------------------------------------------------------------------------- the CLI in real processes
+def cli(*args: str, log: Path) -> None:
+    """`python -m distill ARGS`, output to `log`; one line naming the log when it fails."""
+    # The child uses as many threads as this process: on a shared machine oversubscribed threads
+    # make torch many times slower, not faster.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+           "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with open(log, "w") as fh:
+        done = subprocess.run([sys.executable, "-m", "distill", *args], cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    if done.returncode:
+        tail = log.read_text().strip().splitlines()[-1:] or ["(no output)"]
+        raise RuntimeError(f"fusion-distill {args[0]} failed ({done.returncode}): {tail[0]} (full log: {log})")
+    logger.info("fusion-distill %s done in %.1f min (log: %s)", args[0], (time.perf_counter() - start) / 60, log)
+
+
+def distil(recipe: Path, run_dir: Path) -> Path:
+    """Train one student; reuse a finished run (its exported student folder exists)."""
+    student = run_dir / "student"
+    if not (student / "config.json").exists():
+        cli("train", str(recipe), "--output-dir", str(run_dir), log=run_dir.with_suffix(".log"))
+    return student
+
+
+def fit_supervised(recipe: Path, out: Path, steps: int, max_items: int) -> Path:
+    """The seed paper's stage: projection + HConv + head fitted on phoneme CTC, upstreams frozen."""
+    if not (out / "fused_teacher.json").exists():
+        cli("fit-teacher", str(recipe), "--out", str(out), "--task", "ctc", "--column", "phonemes", "--steps", str(steps),
+            "--max-items", str(max_items), "--no-compare", "--device", "cpu", "teacher.projection_fit=supervised",
+            f"teacher.pretrained={out}", log=out.with_suffix(".log"))
+    return out
+
+
+# ----------------------------------------------------------------------------- probes
+def probe_data(cfg: BenchmarkConfig, corpus: Path, min_samples: int) -> tuple[list[dict], list[dict], list[ProbeTask]]:
+    """Materialised train/test batches (every model sees the same ones) and the tasks."""
+    columns = [t.partition(":")[2] for t in cfg.tasks]
+    data = DataConfig(dataset_name=str(corpus), text_column_name=None, label_column_name=None,
+                      min_duration_in_seconds=cfg.corpus.min_seconds, max_duration_in_seconds=cfg.corpus.max_seconds)
+    p = cfg.probe
+    train = list(make_eval_batches(load_audio_dataset(data, "train", columns=columns), data, p.batch_size,
+                                   p.train_items, min_samples))
+    test = list(make_eval_batches(load_audio_dataset(data, "test", columns=columns), data, p.batch_size,
+                                  p.test_items, min_samples))
+    tasks = [ProbeTask.from_batches(train, *spec.split(":")) for spec in cfg.tasks]
+    return train, test, tasks
+
+
+def probe(name: str, extract: Callable, interface: str, data: tuple, cfg: BenchmarkConfig) -> dict[str, dict]:
+    """Every task on one model, one shared feature cache; scores with standard errors."""
+    train, test, tasks = data
+    p = cfg.probe
+    start = time.perf_counter()
+    results = run_probes(extract, train, test, tasks, interface=interface, steps=p.steps, learning_rate=p.learning_rate,
+                         seed=0, batch_size=p.batch_size)
+    logger.info("probed %-34s %s (%.0f s)", name, "  ".join(f"{k}={r.score:.3f}" for k, r in results.items()),
+                time.perf_counter() - start)
+    return {task: _with_error(r.to_dict()) for task, r in results.items()}
+
+
+def _with_error(result: dict) -> dict:
+    """Adds `value` (higher is better: accuracy, or 1 - PER) and its binomial standard error over
+    test utterances (for PER an approximation: symbols within an utterance are not independent)."""
+    # An error rate above 1 (more insertions than reference symbols) scores 0, not below.
+    value = max(0.0, 1.0 - result["score"]) if result["lower_is_better"] else result["score"]
+    n = max(result["num_dev"], 1)
+    return {**result, "value": value, "stderr": math.sqrt(max(value * (1 - value), 0.0) / n)}
+
+
+def teacher_rows(fused_run: Path, supervised: Path | None) -> list[tuple[str, str, str, Callable, Any]]:
+    """(row name, group, interface, extractor, costed module) for every upstream and fused view."""
+    teacher = FusedTeacher.from_pretrained(fused_run / "teacher")
+    rows = []
+    for i, name in enumerate(["content", "speaker"]):
+        single = single_upstream_teacher(teacher, i)
+        rows.append((f"upstream: {name}", "upstream", "weighted_sum", teacher_extractor(single, project=False),
+                     teacher.upstreams[i].model))
+    concat = teacher_extractor(teacher, project=False)
+    rows += [
+        ("fused: concat + WS", "fused", "weighted_sum", concat, teacher),
+        ("fused: concat + HConv", "fused", "hconv", concat, teacher),
+        ("fused teacher: CHConv-PCA", "fused", "weighted_sum", teacher_extractor(teacher), teacher),
+        ("fused: CHConv-PCA + HConv", "fused", "hconv", teacher_extractor(teacher), teacher),
+    ]
+    if supervised is not None:
+        rows.append(("fused: CHConv supervised (PR) + HConv", "fused", "hconv",
+                     teacher_extractor(FusedTeacher.from_pretrained(supervised)), teacher))
+    return rows
+
+
+def student_extractor(folder: Path) -> tuple[Callable, torch.nn.Module]:
+    model = AutoModel.from_pretrained(folder)  # a stock HubertModel: no custom code
+    return hf_encoder_extractor(model), model
+
+
+# ----------------------------------------------------------------------------- drop-in fine-tuning
+def finetune_ctc(folder: Path | None, init_config: Path, corpus: Path, cfg: BenchmarkConfig, seed: int = 0) -> dict:
+    """Fine-tune `AutoModelForCTC` end to end on phonemes; test PER. folder=None: the same
+    architecture (config of `init_config`) from random init, the no-distillation baseline."""
+    f, column = cfg.finetune, "phonemes"
+    data = DataConfig(dataset_name=str(corpus), text_column_name=None, label_column_name=None,
+                      min_duration_in_seconds=cfg.corpus.min_seconds, max_duration_in_seconds=cfg.corpus.max_seconds)
+    train = list(make_eval_batches(load_audio_dataset(data, "train", columns=[column]), data, 1, f.train_items))
+    test = list(make_eval_batches(load_audio_dataset(data, "test", columns=[column]), data, 1, cfg.probe.test_items))
+    vocab = sorted({ch for b in train for ch in b[column][0]})
+    kwargs = dict(vocab_size=len(vocab) + 1, pad_token_id=0, ctc_loss_reduction="mean", ctc_zero_infinity=True)
+    torch.manual_seed(seed)
+    if folder is not None:
+        model = AutoModelForCTC.from_pretrained(folder, **kwargs)
+    else:
+        from transformers import AutoConfig
+        model = AutoModelForCTC.from_config(AutoConfig.from_pretrained(init_config, **kwargs))
+    features = Wav2Vec2FeatureExtractor.from_pretrained(init_config)  # the student's own preprocessing
+    start = time.perf_counter()
+    losses = _finetune_loop(model, features, train, vocab, column, f, seed)
+    per = _test_per(model, features, test, vocab, column)
+    return {"per": per, "value": 1 - per, "stderr": math.sqrt(max(per * (1 - per), 0) / max(len(test), 1)),
+            "final_loss": float(np.mean(losses[-20:])), "steps": f.steps, "minutes": (time.perf_counter() - start) / 60,
+            "train_items": len(train), "test_items": len(test)}
+
+
+def _inputs(features, waves: list[np.ndarray]) -> dict:
+    return features(waves, sampling_rate=16000, padding=True, return_attention_mask=True, return_tensors="pt")
+
+
+def _finetune_loop(model, features, train, vocab, column, f, seed) -> list[float]:
+    index = {s: i + 1 for i, s in enumerate(vocab)}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=f.learning_rate)
+    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=max(1, f.steps // 10), num_training_steps=f.steps)
+    rng, losses = np.random.default_rng(seed), []
+    model.train()
+    for _ in range(f.steps):
+        picks = [train[i] for i in rng.choice(len(train), size=min(f.batch_size, len(train)), replace=False)]
+        waves = [b["waveforms"][0, : int(b["lengths"][0])].numpy() for b in picks]
+        ids = [[index[c] for c in b[column][0] if c in index] for b in picks]
+        labels = torch.full((len(ids), max(map(len, ids))), -100)
+        for i, seq in enumerate(ids):
+            labels[i, : len(seq)] = torch.tensor(seq)
+        loss = model(**_inputs(features, waves), labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        optimizer.step()
+        scheduler.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+@torch.no_grad()
+def _test_per(model, features, test, vocab, column) -> float:
+    model.eval()
+    errors = total = 0
+    for b in test:
+        wave = b["waveforms"][0, : int(b["lengths"][0])].numpy()
+        best = model(**_inputs(features, [wave])).logits[0].argmax(-1).tolist()
+        hyp = [vocab[s - 1] for i, s in enumerate(best) if s != 0 and (i == 0 or s != best[i - 1])]
+        ref = list(b[column][0])
+        errors, total = errors + edit_distance(ref, hyp), total + len(ref)
+    return errors / max(total, 1)
+
+
+# ----------------------------------------------------------------------------- cost
+def latency(models: dict[str, tuple[str, torch.nn.Module]], seconds: float = 10.0, repeats: int = 5) -> dict[str, dict]:
+    """Params and median CPU latency on `seconds` of audio, all models in interleaved rounds."""
+    wave = 0.1 * torch.randn(int(seconds * 16000), generator=torch.Generator().manual_seed(0))
+    builders = {"student": student_job, "upstream": audio_encoder_job, "fused": fused_teacher_job}
+    jobs = [builders[kind](name, module, wave) for name, (kind, module) in models.items()]
+    costs = measure_jobs(jobs, repeats=repeats, threads=2)
+    return {c.name: {"params": c.params, "latency_ms": c.latency_ms_median, "gflops": c.gflops} for c in costs}

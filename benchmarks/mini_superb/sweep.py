@@ -1,0 +1,98 @@
+"""`--sweep`: retention against student size (params, CPU latency) and against distillation steps.
+
+For each teacher in `sweep.teachers` (the fused one and a single upstream), extra students are
+distilled at `sweep.sizes` (default steps) and at `sweep.steps` (default size), through the same
+`fusion-distill train` path, and probed with the same budget. Retention is a student's task value
+over the FUSED teacher's (the same denominator for fused- and single-teacher students), so the
+curves show what a user gets for each size and budget. The default point is the main run's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from .config import BenchmarkConfig
+from .recipes import recipe, write_recipe
+from .report import FUSED, SHORT, mean_value
+from .stages import distil, latency, probe, student_extractor
+
+logger = logging.getLogger(__name__)
+
+
+def points(cfg: BenchmarkConfig) -> list[tuple[str, BenchmarkConfig]]:
+    """(tag, config) of every sweep student besides the main run's, sizes first."""
+    out = []
+    for name, size in cfg.sweep.sizes.items():
+        out.append((f"size-{name}", dataclasses.replace(cfg, student=size)))
+    for steps in cfg.sweep.steps:
+        if steps != cfg.distill.steps:
+            out.append((f"steps-{steps}", dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, steps=steps))))
+    return out
+
+
+def run_sweep(cfg: BenchmarkConfig, out: Path, corpus: Path, sources: dict[str, list[Path]], main: dict, data: tuple) -> dict:
+    """Distil and probe every sweep point; write sweep.json, sweep.md and two PNGs."""
+    fused = next(r for r in main["rows"] if r["name"] == FUSED)
+    entries = []
+    for teacher in cfg.sweep.teachers:
+        main_row = next(r for r in main["rows"] if r.get("teacher") == teacher)
+        entries.append(_entry(teacher, "default", cfg, main_row["tasks"], main_row["params"], main_row["latency_ms"], fused))
+        for tag, point_cfg in points(cfg):
+            run_dir = out / "sweep" / f"{teacher}-{tag}"
+            body = recipe(point_cfg, corpus, sources[teacher], run_dir)
+            folder = distil(write_recipe(body, out / "sweep" / "recipes" / f"{teacher}-{tag}.yaml"), run_dir)
+            extract, model = student_extractor(folder)
+            tasks = probe(f"{teacher} {tag}", extract, "weighted_sum", data, point_cfg)
+            cost = next(iter(latency({tag: ("student", model)}, repeats=3).values()))
+            entries.append(_entry(teacher, tag, point_cfg, tasks, cost["params"], cost["latency_ms"], fused))
+    result = {"reference": FUSED, "entries": entries}
+    (out / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "sweep.md").write_text(sweep_markdown(entries))
+    _plot(entries, out)
+    return result
+
+
+def _entry(teacher: str, tag: str, cfg: BenchmarkConfig, tasks: dict, params: int, latency_ms: float, fused: dict) -> dict:
+    retention = {t: tasks[t]["value"] / max(fused["tasks"][t]["value"], 1e-9) for t in tasks}
+    return {"teacher": teacher, "point": tag, "steps": cfg.distill.steps, "student": dataclasses.asdict(cfg.student),
+            "params": params, "latency_ms": latency_ms, "tasks": tasks, "retention": retention,
+            "mean_value": mean_value({"tasks": tasks}), "min_retention": min(retention.values())}
+
+
+def sweep_markdown(entries: list[dict[str, Any]]) -> str:
+    tasks = list(entries[0]["retention"])
+    head = ["teacher", "point", "steps", "params (M)", "latency 10 s (ms)", *[SHORT.get(t, t) for t in tasks], "mean score"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for e in sorted(entries, key=lambda e: (e["teacher"], e["params"], e["steps"])):
+        lines.append("| " + " | ".join([e["teacher"], e["point"], str(e["steps"]), f"{e['params'] / 1e6:.2f}",
+                                        f"{e['latency_ms']:.0f}", *[f"{e['retention'][t]:.0%}" for t in tasks],
+                                        f"{e['mean_value']:.3f}"]) + " |")
+    return "Retention = student score / fused-teacher score, per task.\n\n" + "\n".join(lines) + "\n"
+
+
+def _plot(entries: list[dict], out: Path) -> None:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        logger.info("matplotlib is not installed: no sweep plots")
+        return
+    tasks = list(entries[0]["retention"])
+    for axis, key, label in (("size", "params", "student parameters (M)"), ("steps", "steps", "distillation steps")):
+        fig = Figure(figsize=(4 * len(tasks), 3.6))
+        for i, task in enumerate(tasks):
+            ax = fig.add_subplot(1, len(tasks), i + 1)
+            for teacher in sorted({e["teacher"] for e in entries}):
+                pts = sorted((e[key] / (1e6 if key == "params" else 1), e["retention"][task]) for e in entries
+                             if e["teacher"] == teacher and (e["point"] == "default" or e["point"].startswith(axis)))
+                ax.plot(*zip(*pts), marker="o", label=f"student of {teacher}")
+            ax.axhline(0.9, color="grey", linestyle=":", linewidth=1)
+            ax.set_title(SHORT.get(task, task))
+            ax.set_xlabel(label)
+            ax.set_ylabel("retention of the fused teacher")
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / f"sweep_{axis}.png", dpi=100)

@@ -1,0 +1,137 @@
+"""The mini SUPERB benchmark: corpus builder, criteria, and the whole --quick path in a real process."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+
+from benchmarks.mini_superb import corpus as corpus_mod
+from benchmarks.mini_superb.config import BenchmarkConfigError, load_config
+from benchmarks.mini_superb.report import FUSED, criteria
+
+REPO = Path(__file__).resolve().parent.parent
+needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed (.ci/run installs it)")
+
+
+def _small(**sizes):
+    cfg = load_config(overrides=[f"corpus.{k}={v}" for k, v in {"train": 96, "dev": 12, "test": 24, **sizes}.items()])
+    return cfg.corpus
+
+
+def test_plan_holds_out_sentences_and_balances_labels():
+    rows = corpus_mod.plan(_small())
+    texts = {split: {(r["language"], r["text"]) for r in rows if r["split"] == split} for split in ("train", "dev", "test")}
+    assert not texts["train"] & texts["test"] and not texts["train"] & texts["dev"]
+    train = [r for r in rows if r["split"] == "train"]
+    cfg = _small()
+    # 96 = 8 speakers x 4 languages x 3 styles: one full pass of the balanced cycle.
+    assert Counter(r["speaker"] for r in train) == {f"{s.variant}-p{s.pitch}": 12 for s in cfg.speakers}
+    assert Counter(r["language"] for r in train) == {lang: 24 for lang in cfg.languages}
+    assert Counter(r["style"] for r in train) == {style: 32 for style in cfg.styles}
+    assert rows == corpus_mod.plan(_small())  # seeded: the same config gives the same plan
+    assert rows != corpus_mod.plan(load_config(overrides=["corpus.seed=1", "corpus.train=96", "corpus.dev=12", "corpus.test=24"]).corpus)
+
+
+def test_alt_config_uses_other_languages_and_voices():
+    default, alt = load_config(), load_config(REPO / "benchmarks" / "mini_superb" / "alt.yaml")
+    assert not set(default.corpus.languages) & set(alt.corpus.languages)
+    assert {s.variant for s in default.corpus.speakers} != {s.variant for s in alt.corpus.speakers}
+    assert default.corpus.seed != alt.corpus.seed
+
+
+def test_config_errors_are_one_line(tmp_path):
+    with pytest.raises(BenchmarkConfigError, match=r"corpus\.trian"):
+        load_config(overrides=["corpus.trian=3"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("upstreams: {content: {arch: hubert, task: ctc:phonemes}}\n")
+    with pytest.raises(BenchmarkConfigError, match="must be 'content' and 'speaker'"):
+        load_config(bad)
+
+
+def test_missing_espeak_is_one_clear_line(monkeypatch):
+    monkeypatch.setattr(corpus_mod.shutil, "which", lambda name: None)
+    with pytest.raises(corpus_mod.EspeakMissing, match="apt-get install espeak-ng"):
+        corpus_mod.check_espeak()
+
+
+def _row(name, group, values):
+    tasks = {t: {"value": v, "stderr": 0.0, "score": v, "lower_is_better": False} for t, v in values.items()}
+    return {"name": name, "group": group, "tasks": tasks}
+
+
+def test_criteria_against_hand_computed_rows():
+    t = ("ctc:phonemes", "classification:speaker")
+    rows = [
+        _row("upstream: content", "upstream", dict(zip(t, (0.6, 0.2)))),  # mean 0.40
+        _row("upstream: speaker", "upstream", dict(zip(t, (0.1, 0.9)))),  # mean 0.50
+        _row(FUSED, "fused", dict(zip(t, (0.6, 0.9)))),  # mean 0.75
+        _row("student of fused teacher", "student", dict(zip(t, (0.54, 0.81)))),  # exactly 90% each
+        _row("student of content upstream", "student", dict(zip(t, (0.6, 0.2)))),
+    ]
+    verdict, lines, retention = criteria(rows)
+    assert verdict == {"a": True, "b": True, "c": True}
+    assert retention == pytest.approx({t[0]: 0.9, t[1]: 0.9})
+    rows[3]["tasks"][t[0]]["value"] = 0.53  # 88% on phonemes: (b) fails, (c) still holds
+    verdict, lines, _ = criteria(rows)
+    assert verdict == {"a": True, "b": False, "c": True}
+    assert lines[1].startswith("FAIL (b)") and "PR (1-PER) 88%" in lines[1]
+
+
+@needs_espeak
+def test_corpus_is_readable_by_the_data_layer(tmp_path):
+    from distill.config import DataConfig
+    from distill.data import load_audio_dataset, make_eval_batches
+
+    cfg = _small(train=8, dev=2, test=2)
+    summary = corpus_mod.build_corpus(cfg, tmp_path / "c")
+    assert summary["utterances"] == {"train": 8, "dev": 2, "test": 2}
+    with open(tmp_path / "c" / "metadata.csv", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert all(r["phonemes"] and r["speaker"] and r["language"] and r["style"] for r in rows)
+    audio, rate = sf.read(tmp_path / "c" / rows[0]["file_name"])
+    assert rate == 16000 and audio.ndim == 1 and len(audio) > 8000
+    data = DataConfig(dataset_name=str(tmp_path / "c"), text_column_name=None, label_column_name=None, min_duration_in_seconds=0.3)
+    ds = load_audio_dataset(data, "train", columns=["speaker", "phonemes"])
+    batch = next(make_eval_batches(ds, data, 8))
+    assert len(batch["speaker"]) == len(batch["phonemes"]) == 8
+    # A rerun with the same config does nothing (and keeps the files).
+    mtime = (tmp_path / "c" / "metadata.csv").stat().st_mtime_ns
+    corpus_mod.build_corpus(cfg, tmp_path / "c")
+    assert (tmp_path / "c" / "metadata.csv").stat().st_mtime_ns == mtime
+
+
+@needs_espeak
+@pytest.mark.slow
+def test_quick_benchmark_runs_end_to_end(tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "benchmarks.mini_superb", "--quick", "--out", str(out)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((out / "results.json").read_text())
+    assert set(result["criteria"]) == {"a", "b", "c"} and all(isinstance(v, bool) for v in result["criteria"].values())
+    names = [r["name"] for r in result["rows"]]
+    assert {"upstream: content", "upstream: speaker", FUSED, "student of fused teacher", "student of content upstream",
+            "student of speaker upstream"} <= set(names)
+    for row in result["rows"]:
+        assert set(row["tasks"]) == {"ctc:phonemes", "classification:speaker", "classification:language", "classification:style"}
+        assert all(0.0 <= t["value"] <= 1.0 and t["num_dev"] > 0 for t in row["tasks"].values())
+        assert row["params"] > 0 and row["latency_ms"] > 0
+    printed = [line for line in done.stdout.splitlines() if line.startswith(("PASS", "FAIL"))]
+    assert [line.split()[1] for line in printed] == ["(a)", "(b)", "(c)"]
+    assert len(result["finetune"]) == 3 and all(0 <= f["per"] for f in result["finetune"].values())
+    assert (out / "results.md").read_text().count("\n|") >= len(names) + 1
+    assert (out / "results.png").stat().st_size > 1000
+    # Upstreams were used only as saved folders; the recipes are plain YAML files a user can rerun.
+    assert "fusion-distill train" in (out / "recipes" / "fused.yaml").read_text()
+    card = (out / "runs" / "fused" / "student" / "README.md").read_text()
+    assert "model-index" in card and "mini SUPERB" in card
