@@ -29,7 +29,7 @@ from .corpus import build_corpus
 from .recipes import recipe, write_recipe
 from .report import criteria, markdown, mean_value, plot
 from .sweep import run_sweep
-from .stages import distil, finetune_ctc, fit_supervised, latency, probe, probe_data, student_extractor, teacher_rows
+from .stages import distil, finetune_ctc, training_summary, fit_supervised, latency, probe, probe_data, student_extractor, teacher_rows
 from .upstreams import train_upstream, upstream_folder
 
 logger = logging.getLogger("mini_superb")
@@ -70,7 +70,8 @@ def run(cfg: BenchmarkConfig, out: Path, cache_dir: Path, finetune: bool = True,
         extract, model = student_extractor(students[n])
         name = "student of fused teacher" if n == "fused" else f"student of {n} upstream"
         rows.append({"name": name, "group": "student", "interface": "weighted_sum", "teacher": n,
-                     "tasks": probe(name, extract, "weighted_sum", data, cfg), "folder": str(students[n])})
+                     "tasks": probe(name, extract, "weighted_sum", data, cfg), "folder": str(students[n]),
+                     "training": training_summary(out / "runs" / n)})
         if n == "fused":  # every student has the same architecture: costed once
             costed[model] = (name, "student")
     lap("probe")

@@ -93,7 +93,7 @@ class DistillSection:
     crop_seconds: float = 3.0
     learning_rate: float = 1e-3
     warmup_steps: int = 100
-    eval_steps: Optional[int] = None  # training.eval_steps when the trainer has it
+    eval_steps: Optional[int] = None  # training.eval_steps: held-out eval, best checkpoint, convergence line
 
 
 @dataclass
@@ -149,7 +149,7 @@ QUICK_OVERRIDES = [
     "teacher.projection_dim=16", "teacher.target_layers=[1,2]", "teacher.pca_max_utterances=16",
     "teacher.supervised_steps=4",
     "student.hidden_size=16", "student.num_hidden_layers=2", "student.intermediate_size=32", "student.conv_channels=16",
-    "distill.steps=4", "distill.warmup_steps=1", "distill.crop_seconds=1.0", "distill.batch_size=4",
+    "distill.steps=4", "distill.warmup_steps=1", "distill.eval_steps=2", "distill.crop_seconds=1.0", "distill.batch_size=4",
     "probe.steps=4", "probe.train_items=24", "probe.test_items=16",
     "finetune.steps=4", "finetune.train_items=16",
     "sweep.steps=[2]",

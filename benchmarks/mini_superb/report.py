@@ -63,6 +63,13 @@ def markdown(result: dict[str, Any]) -> str:
         out += "| student | test PER | minutes |\n|---|---|---|\n"
         for name, f in result["finetune"].items():
             out += f"| {name} | {f['per']:.3f} ± {f['stderr']:.3f} | {f['minutes']:.1f} |\n"
+    trained = [r for r in rows if r.get("training", {}).get("final_layer_cosine")]
+    if trained:
+        out += "\nWhat each distillation run said about itself (held-out eval during training):\n\n"
+        out += "| student | per-layer cosine at the end | best step | convergence |\n|---|---|---|---|\n"
+        for r in trained:
+            t = r["training"]
+            out += f"| {r['name']} | {' / '.join(f'{c:.3f}' for c in t['final_layer_cosine'])} | {t['best_step']} | {t['convergence']} |\n"
     out += "\n" + "\n".join(result["criteria_lines"]) + "\n"
     return out
 

@@ -28,6 +28,7 @@ from distill.cost import audio_encoder_job, fused_teacher_job, measure_jobs, stu
 from distill.data import load_audio_dataset, make_eval_batches
 from distill.metrics import edit_distance
 from distill.probe import ProbeTask, hf_encoder_extractor, run_probes, teacher_extractor
+from distill.validation import read_eval_log
 from teachers import FusedTeacher
 
 from .config import BenchmarkConfig
@@ -59,6 +60,22 @@ def distil(recipe: Path, run_dir: Path) -> Path:
     if not (student / "config.json").exists():
         cli("train", str(recipe), "--output-dir", str(run_dir), log=run_dir.with_suffix(".log"))
     return student
+
+
+def training_summary(run_dir: Path) -> dict:
+    """What the run said about itself: its last held-out eval (per-layer cosine vs the teacher),
+    the best step, and the trainer's one-line convergence verdict."""
+    evals = read_eval_log(run_dir)
+    log = run_dir.with_suffix(".log")
+    lines = log.read_text().splitlines() if log.exists() else []
+    verdict = next((ln.strip() for ln in reversed(lines) if "convergence" in ln or ln.strip().startswith("eval loss")), None)
+    if not evals:
+        return {"convergence": verdict}
+    last = evals[-1]
+    cosines = [last[k] for k in sorted(k for k in last if k.startswith("cos/"))]
+    best = min(evals, key=lambda r: r["loss"])
+    return {"eval_steps": [r["step"] for r in evals], "eval_loss": [round(r["loss"], 4) for r in evals],
+            "final_layer_cosine": [round(c, 4) for c in cosines], "best_step": best["step"], "convergence": verdict}
 
 
 def fit_supervised(recipe: Path, out: Path, steps: int, max_items: int) -> Path:
