@@ -132,7 +132,8 @@ def build_eval_set(
 
 def _eval_targets(cfg, accelerator, share, frames, teacher, train_cache) -> list[torch.Tensor]:
     if cfg.data.eval_targets_cache:
-        return _cached_targets(cfg, share, frames, teacher, train_cache)
+        with accelerator.main_process_first():  # rank 0 hashes every shard; the others open after it
+            return _cached_targets(cfg, share, frames, teacher, train_cache, verify=accelerator.is_main_process)
     if teacher is None:  # training from a cache: its saved teacher runs once over the eval crops
         logger.info("eval targets: running the cache's teacher once (cache-targets --split %s avoids it)", cfg.data.eval_split_name)
         teacher = FusedTeacher.from_pretrained(train_cache.teacher_dir).to(accelerator.device).eval()
@@ -145,9 +146,10 @@ def _eval_targets(cfg, accelerator, share, frames, teacher, train_cache) -> list
     return targets
 
 
-def _cached_targets(cfg, share, frames, teacher, train_cache) -> list[torch.Tensor]:
+def _cached_targets(cfg, share, frames, teacher, train_cache, verify: bool) -> list[torch.Tensor]:
+    # The eval targets must come from the teacher the student trains against.
     expected = train_cache.teacher_hash if train_cache is not None else teacher.config_hash()
-    cache = TargetCache.open(cfg.data.eval_targets_cache, teacher_hash=expected, layer_ids=cfg.teacher.target_layers)
+    cache = TargetCache.open(cfg.data.eval_targets_cache, teacher_hash=expected, layer_ids=cfg.teacher.target_layers, verify=verify)
     return [cache.crops([uid], [start], n)[:, 0] for (uid, _, start), n in zip(share, frames)]
 
 
