@@ -114,7 +114,7 @@ def test_corpus_is_readable_by_the_data_layer(tmp_path):
 def test_quick_benchmark_runs_end_to_end(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "benchmarks.mini_superb", "--quick", "--out", str(out)], cwd=REPO, env=env,
+    done = subprocess.run([sys.executable, "-m", "benchmarks.mini_superb", "--quick", "--sweep", "--out", str(out)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((out / "results.json").read_text())
@@ -135,3 +135,11 @@ def test_quick_benchmark_runs_end_to_end(tmp_path):
     assert "fusion-distill train" in (out / "recipes" / "fused.yaml").read_text()
     card = (out / "runs" / "fused" / "student" / "README.md").read_text()
     assert "model-index" in card and "mini SUPERB" in card
+    fused_student = next(r for r in result["rows"] if r["name"] == "student of fused teacher")
+    assert fused_student["training"]["eval_steps"] == [2, 4]  # quick: distill.eval_steps=2 of 4 steps
+    # The sweep: the default point plus one smaller student and one other step count, same probes.
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert sorted(e["point"] for e in sweep["entries"]) == ["default", "size-xs", "steps-2"]
+    small = next(e for e in sweep["entries"] if e["point"] == "size-xs")
+    assert small["params"] < fused_student["params"] and set(small["retention"]) == set(fused_student["tasks"])
+    assert (out / "sweep_size.png").exists() and (out / "sweep_steps.png").exists()

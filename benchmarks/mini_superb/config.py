@@ -152,7 +152,7 @@ QUICK_OVERRIDES = [
     "distill.steps=4", "distill.warmup_steps=1", "distill.eval_steps=2", "distill.crop_seconds=1.0", "distill.batch_size=4",
     "probe.steps=4", "probe.train_items=24", "probe.test_items=16",
     "finetune.steps=4", "finetune.train_items=16",
-    "sweep.steps=[2]",
+    "sweep.steps=[2]", "sweep.teachers=[fused]",
 ]
 # Dict entries merge key by key, so the quick sweep's sizes replace the config's after merging.
 QUICK_SWEEP_SIZES = {"xs": StudentSection(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
