@@ -62,7 +62,8 @@ def run(cfg: BenchmarkConfig, out: Path, cache_dir: Path, finetune: bool = True,
 
     rows, costed = [], {}
     views = teacher_rows(out / "runs" / "fused", supervised_dir)
-    data = probe_data(cfg, corpus, _min_samples(out))
+    fused_teacher = _fused_teacher(out)
+    data = probe_data(cfg, corpus, fused_teacher.min_samples)
     for name, group, interface, extract, module in views:
         rows.append({"name": name, "group": group, "interface": interface, "tasks": probe(name, extract, interface, data, cfg)})
         costed.setdefault(module, (name, "upstream" if group == "upstream" else "fused"))
@@ -82,6 +83,7 @@ def run(cfg: BenchmarkConfig, out: Path, cache_dir: Path, finetune: bool = True,
 
     verdict, lines, retention = criteria(rows)
     result = {"config": asdict(cfg), "corpus": corpus_info, "upstreams": upstream_reports, "rows": rows,
+              "projection": fused_teacher.projection_report,
               "retention": retention, "criteria": verdict, "criteria_lines": lines, "finetune": {}, "timings_min": timings}
     if finetune:
         singles = [r for r in rows if r["group"] == "student" and r["name"] != "student of fused teacher"]
@@ -104,9 +106,9 @@ def run(cfg: BenchmarkConfig, out: Path, cache_dir: Path, finetune: bool = True,
     return result
 
 
-def _min_samples(out: Path) -> int:
+def _fused_teacher(out: Path):
     from teachers import FusedTeacher
-    return FusedTeacher.from_pretrained(out / "runs" / "fused" / "teacher").min_samples
+    return FusedTeacher.from_pretrained(out / "runs" / "fused" / "teacher")
 
 
 def _attach_costs(rows: list[dict], costs: dict[str, dict]) -> None:

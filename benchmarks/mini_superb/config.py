@@ -73,6 +73,7 @@ class TeacherSection:
     projection_dim: int = 128
     target_layers: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
     pca_max_utterances: int = 256
+    projection_balance: str = "none"  # none | equal_variance | split (teachers/pca.py)
     supervised_steps: int = 300  # fit-teacher budget for the supervised-projection row
 
 

@@ -28,6 +28,7 @@ def recipe(cfg: BenchmarkConfig, corpus: Path, upstreams: list[Path], output_dir
             "upstreams": [str(p) for p in upstreams], "fusion": t.fusion, "projection_dim": t.projection_dim,
             "projection_fit": "pca", "target_layers": list(t.target_layers), "target_mode": "chconv",
             "normalize": True, "dtype": "float32", "pca_max_utterances": t.pca_max_utterances,
+            "projection_balance": t.projection_balance,
         },
         "student": {
             "arch": "hubert", "preset": "tiny", "num_hidden_layers": s.num_hidden_layers, "hidden_size": s.hidden_size,

@@ -63,6 +63,11 @@ def markdown(result: dict[str, Any]) -> str:
         out += "| student | test PER | minutes |\n|---|---|---|\n"
         for name, f in result["finetune"].items():
             out += f"| {name} | {f['per']:.3f} ± {f['stderr']:.3f} | {f['minutes']:.1f} |\n"
+    projection = result.get("projection")
+    if projection:
+        kept = ", ".join(f"{Path(u['upstream']).name.split('-')[0]} {u['kept']:.0%}" for u in projection["upstreams"])
+        out += (f"\nThe fused teacher's PCA projection ({projection['balance']} balance, {projection['projection_dim']} dims) keeps "
+                f"{projection['explained_variance']:.0%} of the variance; of each upstream's own: {kept}.\n")
     trained = [r for r in rows if r.get("training", {}).get("final_layer_cosine")]
     if trained:
         out += "\nWhat each distillation run said about itself (held-out eval during training):\n\n"
