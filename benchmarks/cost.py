@@ -1,6 +1,6 @@
 """Inference cost, side by side in one run: each upstream, the fused teachers and the shipped students.
 
-    python benchmarks/cost.py [--seconds 10] [--repeats 5] [--threads 2] [--json PATH] [--quick]
+    python benchmarks/cost.py [--seconds 10] [--repeats 5] [--threads 2] [--json PATH] [--quick] [--no-onnx]
 
 Every model is built at its real size from a config with random weights (nothing is downloaded;
 weights do not change the cost). Rows, all on the same `--seconds` of audio:
@@ -10,7 +10,11 @@ weights do not change the cost). Rows, all on the same `--seconds` of audio:
 - each teacher twice: `fused` = `FusedTeacher.targets([wave])` measured end to end (upstreams,
   log-mel, alignment, normalisation, CHConv projection and HConv interface output), and `sum` =
   the measured upstream rows plus a measured CHConv interface on the aligned features;
-- the students shipped as presets (stock HubertModel, heads dropped).
+- the students shipped as presets (stock HubertModel, heads dropped), each followed by its ONNX
+  export under ONNX Runtime (`<preset> onnx fp32`, and `<preset> onnx int8`: dynamic int8 MatMuls)
+  on the same `--threads`, fed the same normalised audio. ONNX rows need the `onnx` extra; without
+  it (or with `--no-onnx`) they are left out and the output says so. Every graph passes the fp32
+  parity check (students.onnx) before it is timed. `--quick` exports only the smallest preset.
 
 The ratios are against the `fused` teachers (`sum` with --no-fused). The last stdout line names
 the best shipped student: the largest speedup among those >= 10x smaller than the 3-upstream
@@ -23,6 +27,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from functools import partial
 from pathlib import Path
 
@@ -30,9 +35,10 @@ import torch
 from transformers import AutoConfig, AutoModel
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from distill.cost import (Cost, CostJob, audio_encoder_job, cost_table, fused_teacher_job, measure_jobs, ratios,
-                          student_job, sum_costs, whisper_encoder_job)
+from distill.cost import (Cost, CostJob, audio_encoder_job, cost_table, fused_teacher_job, measure_jobs,
+                          onnx_student_job, ratios, student_job, sum_costs, whisper_encoder_job)
 from students import PRESETS, build_student
+from students.onnx import FP32_TOLERANCE, INT8_MIN_COSINE, check_parity, export_onnx, quantize_int8, require_onnx
 from teachers import CHConv, FusedTeacher, wav2vec_num_frames
 
 # Real sizes. The wav2vec-family defaults ARE the base geometry (12 layers, 768, 512x7 conv);
@@ -126,9 +132,13 @@ def measure(args: argparse.Namespace) -> tuple[list[Cost], dict[str, str]]:
             _log(f"building {teacher} (FusedTeacher) ...")
             jobs.append(fused_teacher_job(f"{teacher} fused", _fused_teacher([specs[m] for m in members], proj_dim), wave))
 
+    onnx_presets = _onnx_presets(args)
     for preset in SHIPPED:
         torch.manual_seed(0)
-        jobs.append(student_job(preset, build_student(PRESETS[preset]()).eval(), wave, note="stock HubertModel"))
+        student = build_student(PRESETS[preset]()).eval()
+        jobs.append(student_job(preset, student, wave, note="stock HubertModel"))
+        if preset in onnx_presets:
+            jobs.extend(_onnx_jobs(preset, student, wave, args))
 
     _log(f"measuring {len(jobs)} models: FLOPs, then {args.warmup} warm-up + {args.repeats} timed rounds ...")
     measured = {c.name: c for c in measure_jobs(jobs, repeats=args.repeats, warmup=args.warmup, threads=args.threads)}
@@ -142,8 +152,39 @@ def measure(args: argparse.Namespace) -> tuple[list[Cost], dict[str, str]]:
         if not args.no_fused:
             rows.append(measured.pop(f"{teacher} fused"))
             references[teacher] = f"{teacher} fused"
-    rows.extend(measured.values())  # the students, in SHIPPED order
+    rows.extend(measured.values())  # the students in SHIPPED order, each followed by its ONNX rows
     return rows, references
+
+
+def _onnx_presets(args: argparse.Namespace) -> tuple[str, ...]:
+    if args.no_onnx:
+        args.onnx_note = "ONNX rows: off (--no-onnx)"
+        return ()
+    try:
+        require_onnx()
+    except ImportError as err:
+        args.onnx_note = f"ONNX rows: left out ({err})"
+        return ()
+    presets = SHIPPED[-1:] if args.quick else SHIPPED  # --quick: one export keeps the smoke test short
+    args.onnx_note = (f"ONNX rows: ONNX Runtime on {args.threads} threads; int8 = dynamic int8 MatMul/Gemm "
+                      "(onnxruntime.quantization), convolutions fp32; GFLOPs are the PyTorch model's")
+    return presets
+
+
+def _onnx_jobs(preset: str, student: torch.nn.Module, wave: torch.Tensor, args: argparse.Namespace) -> list[CostJob]:
+    """fp32 and int8 graphs of `student`, each checked against PyTorch before it may be timed."""
+    _log(f"exporting {preset} to ONNX (fp32, int8) ...")
+    folder = Path(tempfile.mkdtemp(prefix=f"cost-onnx-{preset}-"))
+    fp32 = export_onnx(student, folder / "model.onnx")
+    int8 = quantize_int8(fp32, folder / "model_int8.onnx")
+    probe = [wave[: min(wave.numel(), 16000)]]  # parity on 1 s: the graph is the one timed on `wave`
+    checks = [check_parity(student, fp32, probe, source="benchmark signal", tolerance=FP32_TOLERANCE),
+              check_parity(student, int8, probe, source="benchmark signal", min_cosine=INT8_MIN_COSINE)]
+    if not checks[0].passed:
+        raise RuntimeError(f"{preset}: {checks[0].summary()}; refusing to time a graph that is not the model")
+    args.parity[preset] = [c.to_dict() for c in checks]
+    return [onnx_student_job(f"{preset} onnx {precision}", path, wave, student, args.threads)
+            for precision, path in (("fp32", fp32), ("int8", int8))]
 
 
 def _fused_teacher(specs: list[dict], proj_dim: int) -> FusedTeacher:
@@ -179,13 +220,14 @@ def report(rows: list[Cost], references: dict[str, str], args: argparse.Namespac
     print("fused = FusedTeacher.targets end to end (CHConv, interface output on); "
           "sum = measured upstream rows + measured CHConv interface")
     print(f"ratios: against {ref2.name} and {ref3.name} ({how}); Whisper at its 30 s window, log-mel included")
+    print(args.onnx_note)
     print("GFLOPs: matmul/conv/attention ops counted by torch FlopCounterMode (2 per multiply-add)")
     before, after = args.load
     print(f"machine: {os.cpu_count()} CPUs, 1-min load average {before:.1f} before / {after:.1f} after the run "
           f"(above ~{args.threads}, other processes shared the CPU and latencies are inflated)\n")
     print(cost_table(rows, [ref2.name, ref3.name]))
     print()
-    for s in (r for r in rows if r.name in SHIPPED):
+    for s in (r for r in rows if r.name in SHIPPED or r.name.rsplit(" onnx ", 1)[0] in SHIPPED):
         (speed2, size2), (speed3, size3) = ratios(s, ref2), ratios(s, ref3)
         print(f"{s.name}: {speed3:.3g}x faster and {size3:.3g}x smaller than teacher3; "
               f"{speed2:.3g}x faster and {size2:.3g}x smaller than teacher2")
@@ -199,12 +241,19 @@ def report(rows: list[Cost], references: dict[str, str], args: argparse.Namespac
     met = speed >= TARGET_SPEEDUP and size >= MIN_SIZE_RATIO
     print(f"target (>= {TARGET_SPEEDUP:g}x faster and >= {MIN_SIZE_RATIO:g}x smaller than teacher3): "
           f"{'met' if met else 'NOT met'} by {best.name} ({speed:.3g}x faster, {size:.3g}x smaller)")
+    onnx_rows = [r for r in rows if r.name.startswith(f"{best.name} onnx ")]
+    for row in onnx_rows:  # the same student deployed under ONNX Runtime, from the same rounds
+        print(f"{row.name}: {ratios(row, ref3)[0]:.1f}x faster than teacher3, "
+              f"{best.latency_ms_median / row.latency_ms_median:.2f}x the PyTorch fp32 speed")
+    result_onnx = {r.name: ratios(r, ref3)[0] for r in onnx_rows}
     print(f"speedup vs 3-upstream teacher: {speed:.1f}x ({best.name})")
     return {
         "audio_seconds": args.seconds, "threads": args.threads, "repeats": args.repeats, "warmup": args.warmup,
         "quick": args.quick, "torch": torch.__version__, "teacher_cost": how, "load_average": list(args.load),
-        "references": references, "rows": [r.as_dict() for r in rows],
-        "best": {"student": best.name, "speedup": speed, "size_ratio": size, "target_met": met},
+        "references": references, "rows": [r.as_dict() for r in rows], "onnx": args.onnx_note,
+        "onnx_parity": args.parity,
+        "best": {"student": best.name, "speedup": speed, "size_ratio": size, "target_met": met,
+                 "onnx_speedups": result_onnx},
     }
 
 
@@ -218,11 +267,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-fused", action="store_true", help="teachers as sums of parts only (no FusedTeacher run)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--quick", action="store_true", help="tiny configs on 1 s of audio (smoke test)")
+    parser.add_argument("--no-onnx", action="store_true", help="leave out the ONNX Runtime rows of the students")
     args = parser.parse_args(argv)
     args.seconds = args.seconds if args.seconds is not None else (1.0 if args.quick else 10.0)
     if args.seconds * 16000 > 2 * 1500 * 160:
         parser.error("--seconds must be <= 30: the Whisper rows cost one 30 s window")
     torch.set_num_threads(args.threads)
+    args.parity = {}
     load_before = os.getloadavg()[0]
     rows, references = measure(args)
     args.load = (load_before, os.getloadavg()[0])

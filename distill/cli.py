@@ -5,7 +5,7 @@
     fusion-distill fit-teacher RECIPE --out DIR [--task ctc|classification] [--column C] [--max-items N] [--device D]
     fusion-distill train RECIPE [--output-dir DIR] [--resume-from latest|DIR] [key=value ...]
     fusion-distill evaluate (RUN_DIR | STUDENT_DIR) [--teacher DIR] [--data DATA] [--no-probe] [--no-cost]
-    fusion-distill export RUN_DIR OUT_DIR [--push-to-hub REPO_ID]
+    fusion-distill export (RUN_DIR | STUDENT_DIR) OUT_DIR [--onnx [--quantize int8] [--parity-data DATA]] [--push-to-hub REPO_ID]
 """
 
 from __future__ import annotations
@@ -31,10 +31,35 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
-    from .export import export_run
+    from pathlib import Path
 
-    folder = export_run(args.run_dir, args.out_dir, push_to_hub_id=args.push_to_hub)
+    from students.onnx import PARITY_FILE, require_onnx
+
+    if args.quantize and not args.onnx:
+        raise ValueError("--quantize int8 quantises the ONNX graph: add --onnx")
+    if args.onnx:
+        try:
+            require_onnx()
+        except ImportError as err:  # one line naming the extra, not a traceback
+            raise SystemExit(f"fusion-distill export: error: {err}") from None
+    from .export import export_run, export_student_folder
+
+    source = Path(args.run_dir)
+    onnx = dict(onnx=args.onnx, quantize=args.quantize, parity_data=args.parity_data)
+    if not (source / "recipe.yaml").exists() and (source / "config.json").is_file():
+        if not args.onnx:
+            raise ValueError(f"{source} is already an exported student; add --onnx to give it ONNX graphs")
+        folder = export_student_folder(source, args.out_dir, push_to_hub_id=args.push_to_hub, **onnx)
+    else:
+        folder = export_run(args.run_dir, args.out_dir, push_to_hub_id=args.push_to_hub, **onnx)
     print(f"exported {folder}" + (f" and pushed to {args.push_to_hub}" if args.push_to_hub else ""))
+    if args.onnx:
+        import json
+
+        for report in json.loads((folder / PARITY_FILE).read_text()).values():
+            print(f"{report['file']}: max abs {report['max_abs']:.2e}, mean cosine {report['mean_cosine']:.5f} "
+                  f"vs PyTorch ({len(report['lengths'])} utterances, {report['source']})"
+                  + ("" if report["passed"] else f"; below the int8 cosine bar {report['min_cosine']:g}"))
 
 
 def _cmd_inspect_teacher(args: argparse.Namespace) -> None:
@@ -103,10 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume-from", help="'latest' or a checkpoint folder")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("export", help="write the run's student as a stock Hugging Face folder")
-    p.add_argument("run_dir")
-    p.add_argument("out_dir")
+    p = sub.add_parser("export", help="write the run's student as a stock Hugging Face folder (and ONNX)")
+    p.add_argument("run_dir", help="a run folder, or an exported student folder (with --onnx)")
+    p.add_argument("out_dir", help="the folder to write (may be the student folder itself with --onnx)")
     p.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload the folder to this Hub repo")
+    p.add_argument("--onnx", action="store_true", help="also write model.onnx, checked against PyTorch "
+                   '(needs pip install -e ".[onnx]")')
+    p.add_argument("--quantize", choices=("int8",), help="also write model_int8.onnx (ONNX Runtime dynamic int8)")
+    p.add_argument("--parity-data", metavar="DATA", help="audio for the parity check: a folder, manifest or hub "
+                   "dataset (default: the run's dataset; synthetic signals when there is none)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("cache-targets", help="run the teacher once over the training split and store its targets")

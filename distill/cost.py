@@ -37,6 +37,7 @@ from students import normalize_waveforms
 __all__ = [
     "Cost", "CostJob", "count_params", "count_gflops", "time_forwards", "measure_jobs", "measure_cost", "sum_costs",
     "ratios", "cost_table", "audio_encoder_job", "whisper_encoder_job", "student_job", "fused_teacher_job",
+    "onnx_student_job",
 ]
 
 SAMPLING_RATE = 16000
@@ -71,6 +72,9 @@ class CostJob:
     forward: Callable[[], Any]
     modules: ModuleOrParams
     note: str = ""
+    # What FlopCounterMode runs instead of `forward` (None: `forward`): an ONNX Runtime call is
+    # invisible to torch, so an ONNX row counts the PyTorch model it was exported from.
+    flops_forward: Callable[[], Any] | None = None
 
 
 def count_params(modules: ModuleOrParams) -> int:
@@ -129,7 +133,7 @@ def measure_jobs(jobs: Sequence[CostJob], *, repeats: int = 3, warmup: int = 1, 
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        gflops = [count_gflops(job.forward) for job in jobs]
+        gflops = [count_gflops(job.flops_forward or job.forward) for job in jobs]
         times = time_forwards([job.forward for job in jobs], repeats, warmup)
     finally:
         torch.set_num_threads(previous)
@@ -231,3 +235,20 @@ def fused_teacher_job(name: str, teacher: nn.Module, wave: torch.Tensor) -> Cost
     if not getattr(teacher, "fitted", True):
         raise ValueError(f"fused_teacher_job {name}: the teacher is not fitted (fit_pca or from_pretrained first)")
     return CostJob(name, lambda: teacher.targets([wave]), teacher, "FusedTeacher.targets end to end")
+
+
+def onnx_student_job(name: str, onnx_path: Any, wave: torch.Tensor, exported_from: nn.Module, threads: int,
+                     note: str = "") -> CostJob:
+    """An exported student graph (students.onnx) under ONNX Runtime on `threads` intra-op
+    threads, fed what `student_job` feeds the PyTorch model. Params and GFLOPs are those of
+    `exported_from`, the PyTorch encoder the graph came from (an int8 graph does the same
+    multiply-adds in integers)."""
+    from students.onnx import onnx_session, run_onnx
+
+    if wave.dim() != 1:
+        raise ValueError(f"onnx_student_job {name}: expected one 1-D waveform, got shape {tuple(wave.shape)}")
+    normalised, mask = normalize_waveforms(wave[None], torch.tensor([wave.numel()]))
+    session = onnx_session(onnx_path, threads)
+    flops = student_job(name, exported_from, wave).forward
+    return CostJob(name, lambda: run_onnx(session, normalised, mask), exported_from,
+                   note or f"ONNX Runtime, {threads} threads", flops_forward=flops)

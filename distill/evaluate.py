@@ -10,9 +10,11 @@
 2. Probes (SUPERB style, distill/probe.py): frozen features + weighted sum + small head, for each
    task in `probe_tasks` ("kind:column", any column of the dataset), for the student, the fused
    teacher and every single upstream, with one budget (steps, learning rate, seed) for all; each
-   model's features are extracted once for all tasks.
+   model's features are extracted once for all tasks. An exported folder with `model.onnx` also
+   probes its int8 graph (`model_int8.onnx`, quantised into OUT when absent), so the table shows
+   what int8 costs in task score.
 3. Cost (distill/cost.py): params, GFLOPs and median CPU latency on `cost_seconds` of audio for
-   the same models, all in fp32 on the CPU (a bf16 or GPU teacher is cast and moved for the
+   the same models (and an exported folder's ONNX graphs under ONNX Runtime), all in fp32 on the CPU (a bf16 or GPU teacher is cast and moved for the
    measurement and put back afterwards), with speed-up and size ratios against the fused teacher.
 
 Everything goes to OUT/eval.json (default RUN_DIR/eval/) plus OUT/layer_similarity.png and
@@ -39,28 +41,31 @@ from safetensors.torch import load_file
 from transformers import PreTrainedModel
 
 from students import DistillStudent
+from students.onnx import INT8_FILE, ONNX_FILE, quantize_int8, require_onnx
 from teachers import FusedTeacher, frame_mask
 
 from .audio import RECEPTIVE_FIELD
 from .build import build_distill_student, single_upstream_teacher, upstream_names
 from .checkpoint import find_checkpoint, load_weights_strict
 from .config import DataConfig, load_recipe
-from .cost import Cost, audio_encoder_job, fused_teacher_job, measure_jobs, ratios, student_job, whisper_encoder_job
+from .cost import (Cost, audio_encoder_job, fused_teacher_job, measure_jobs, onnx_student_job, ratios, student_job,
+                   whisper_encoder_job)
 from .data import load_audio_dataset, make_eval_batches
 # The format_* helpers are re-exported here: `evaluate` and its tables are one surface for the CLI.
 from .plots import format_cost, format_probes, format_report, format_similarity, plot_layer_similarity, plot_probe_scores
-from .probe import ProbeTask, hf_encoder_extractor, is_missing, run_probes, teacher_extractor
+from .probe import ProbeTask, hf_encoder_extractor, is_missing, onnx_extractor, run_probes, teacher_extractor
 from .validation import read_eval_log
 
 __all__ = [
     "EvalTarget", "load_target", "evaluate", "prediction_similarity", "probe_all", "cost_all",
     "format_similarity", "format_probes", "format_cost", "format_report",
-    "STUDENT", "TEACHER", "DEFAULT_PROBE_TASKS",
+    "STUDENT", "TEACHER", "STUDENT_ONNX_INT8", "STUDENT_ONNX_FP32", "DEFAULT_PROBE_TASKS",
 ]
 
 logger = logging.getLogger(__name__)
 
 STUDENT, TEACHER = "student", "fused teacher"
+STUDENT_ONNX_INT8, STUDENT_ONNX_FP32 = "student (ONNX int8)", "student (ONNX fp32)"
 DEFAULT_PROBE_TASKS = ("ctc:text", "classification:label")
 PLOT_NAME, JSON_NAME = "layer_similarity.png", "eval.json"
 PROBE_PLOT_NAME = "probe_scores.png"
@@ -85,6 +90,8 @@ class EvalTarget:
     student: DistillStudent | None = None
     teacher: FusedTeacher | None = None
     data: DataConfig | None = None
+    # ONNX graphs of an exported folder (students.onnx), by precision: "fp32", "int8".
+    onnx: dict[str, Path] = dataclasses.field(default_factory=dict)
 
 
 def load_target(
@@ -122,7 +129,8 @@ def load_target(
     else:
         data_cfg = _bare_data_config(data, overrides)
     fused = FusedTeacher.from_pretrained(teacher) if teacher else None
-    return EvalTarget("student", path, encoder, None, path, None, fused, data_cfg)
+    graphs = {precision: path / name for precision, name in (("fp32", ONNX_FILE), ("int8", INT8_FILE)) if (path / name).is_file()}
+    return EvalTarget("student", path, encoder, None, path, None, fused, data_cfg, graphs)
 
 
 def _load_strict(student: DistillStudent, weights_path: Path, teacher: FusedTeacher) -> None:
@@ -248,6 +256,8 @@ def _unusable(column: str, train_batches: list[dict], dev_batches: list[dict]) -
 
 def _probe_extractors(target: EvalTarget) -> dict[str, Any]:
     models = {STUDENT: hf_encoder_extractor(target.encoder, normalize=target.normalize)}
+    if "int8" in target.onnx:  # what int8 costs in task score, beside the fp32 student
+        models[STUDENT_ONNX_INT8] = onnx_extractor(target.onnx["int8"], normalize=True)
     if target.teacher is not None:
         models[TEACHER] = teacher_extractor(target.teacher)
         for index, name in enumerate(upstream_names(target.teacher)):
@@ -266,6 +276,10 @@ def cost_all(target: EvalTarget, seconds: float = 10.0, repeats: int = 3, thread
     wave = 0.1 * torch.randn(int(seconds * 16000), generator=generator)  # content does not change the cost
     with _on_cpu_fp32([target.encoder, teacher]):
         jobs = [student_job(STUDENT, target.encoder, wave)]
+        onnx_threads = threads or torch.get_num_threads()
+        for precision, name in (("fp32", STUDENT_ONNX_FP32), ("int8", STUDENT_ONNX_INT8)):
+            if precision in target.onnx:
+                jobs.append(onnx_student_job(name, target.onnx[precision], wave, target.encoder, onnx_threads))
         if teacher is not None:
             jobs.append(fused_teacher_job(TEACHER, teacher, wave))
             for name, upstream in zip(upstream_names(teacher), teacher.upstreams):
@@ -345,6 +359,7 @@ def evaluate(
     for module in (t.student if t.student is not None else t.encoder, t.teacher):
         if module is not None:
             module.to(run_device)
+    _quantise_for_eval(t, out)
     result: dict[str, Any] = {
         "target": str(t.path), "kind": t.kind, "weights": str(t.source),
         "teacher": t.teacher.config if t.teacher is not None else None,
@@ -375,6 +390,20 @@ def evaluate(
         result["cost"] = {"skipped": "cost switched off"}
     (out / JSON_NAME).write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _quantise_for_eval(t: EvalTarget, out: Path) -> None:
+    """An exported folder with model.onnx but no int8 graph: quantise one into the eval folder
+    (not the student folder, whose files ship), so the int8 probe and cost rows are there."""
+    if "fp32" not in t.onnx or "int8" in t.onnx:
+        return
+    try:
+        require_onnx()
+    except ImportError as err:
+        logger.warning("ONNX rows skipped: %s", err)
+        t.onnx.clear()
+        return
+    t.onnx["int8"] = quantize_int8(t.onnx["fp32"], out / INT8_FILE)
 
 
 def _similarity_part(t: EvalTarget, max_items: int | None, batch_size: int) -> dict[str, Any]:

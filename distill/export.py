@@ -9,27 +9,41 @@ with plain `AutoModel` and fails on any missing or unexpected key.
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file
 
-from students import build_student, export_student, push_to_hub
+from students import add_onnx, build_student, export_student, push_to_hub
+from students.export import EXPORT_FILES
+from students.onnx import require_onnx
 
 from .build import student_config
 from .checkpoint import COMPLETE_MARKER, find_checkpoint, load_weights_strict, read_best
-from .config import load_recipe
+from .config import DataConfig, load_recipe
+from .data import make_eval_batches
+from .sources import load_audio_dataset
 from .validation import read_eval_log
 
-__all__ = ["export_run", "card_data_for_run"]
+__all__ = ["export_run", "export_student_folder", "parity_waveforms", "card_data_for_run"]
 
 _ENCODER_PREFIX = "encoder."
+logger = logging.getLogger(__name__)
 
 
 def export_run(
-    run_dir: str | Path, out_dir: str | Path, student=None, push_to_hub_id: str | None = None, checkpoint: str | Path | None = None
+    run_dir: str | Path, out_dir: str | Path, student=None, push_to_hub_id: str | None = None, checkpoint: str | Path | None = None,
+    *, onnx: bool = False, quantize: str | None = None, parity_data: str | None = None,
 ) -> Path:
     """Export the run's student encoder; `student` (a DistillStudent, the final one) skips the
-    checkpoint read; `checkpoint` names the folder to read (default: `export_checkpoint`)."""
+    checkpoint read; `checkpoint` names the folder to read (default: `export_checkpoint`).
+
+    onnx: also write model.onnx (and with quantize="int8" model_int8.onnx) beside the HF files,
+    checked against PyTorch on a few utterances of `parity_data` (default: the run's dataset)."""
+    if onnx:
+        require_onnx()  # before minutes of loading, not after
     run_dir = Path(run_dir)
     if not (run_dir / "recipe.yaml").exists():
         raise FileNotFoundError(f"{run_dir}: not a training run (no recipe.yaml); expected the --output-dir of `fusion-distill train`")
@@ -40,6 +54,9 @@ def export_run(
         source = find_checkpoint(run_dir, str(checkpoint)) if checkpoint else export_checkpoint(cfg, run_dir)
         encoder, step = _encoder_from_checkpoint(cfg, source), int((source / COMPLETE_MARKER).read_text())
     folder = export_student(encoder, out_dir, card_data_for_run(cfg, run_dir, step))
+    if onnx:
+        add_onnx(folder, encoder, *parity_waveforms(_parity_data_config(parity_data, cfg.data)), quantize=quantize,
+                 repo_id=push_to_hub_id)
     if push_to_hub_id:
         push_to_hub(folder, push_to_hub_id)
     return folder
@@ -100,3 +117,78 @@ def _eval_card(cfg, run_dir: Path, step: int | None) -> dict:
         "eval_utterances": record["utterances"],
         "metrics": metrics,
     }
+
+
+# ----------------------------------------------------------------------------- ONNX
+_PARITY_UTTERANCES = 4  # shortest, longest and two between: the graph's time axis is exercised
+_PARITY_CANDIDATES = 32  # utterances read to choose them from
+
+
+def export_student_folder(
+    student_dir: str | Path, out_dir: str | Path, *, onnx: bool = True, quantize: str | None = None,
+    parity_data: str | None = None, push_to_hub_id: str | None = None,
+) -> Path:
+    """An exported student folder -> the same folder with its ONNX graphs (in place when
+    out_dir is student_dir, else the HF files are copied first). Parity utterances: `parity_data`,
+    else the dataset of the run the folder sits in (RUN/student), else synthetic speech-like
+    signals (said so in the card)."""
+    from transformers import AutoModel
+
+    if onnx:
+        require_onnx()
+    student_dir, out = Path(student_dir), Path(out_dir)
+    if not (student_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{student_dir}: neither a training run (recipe.yaml) nor an exported student (config.json)")
+    if out.resolve() != student_dir.resolve():
+        out.mkdir(parents=True, exist_ok=True)
+        for name in EXPORT_FILES:
+            if (student_dir / name).is_file():
+                shutil.copy2(student_dir / name, out / name)
+    encoder = AutoModel.from_pretrained(out).eval()
+    if onnx:
+        run = student_dir.parent
+        run_data = load_recipe(run / "recipe.yaml").data if (run / "recipe.yaml").is_file() else None
+        add_onnx(out, encoder, *parity_waveforms(_parity_data_config(parity_data, run_data)), quantize=quantize,
+                 repo_id=push_to_hub_id)
+    if push_to_hub_id:
+        push_to_hub(out, push_to_hub_id)
+    return out
+
+
+def _parity_data_config(parity_data: str | None, run_data: DataConfig | None) -> DataConfig | None:
+    if parity_data is not None:
+        return DataConfig(dataset_name=parity_data, eval_split_name="dev")
+    return run_data
+
+
+def parity_waveforms(data: DataConfig | None, count: int = _PARITY_UTTERANCES) -> tuple[list[torch.Tensor], str]:
+    """`count` utterances of several lengths from `data`'s eval split (else its train split), and
+    where they came from; without data, synthetic speech-like signals of 1, 2.5 and 4 s."""
+    if data is None:
+        logger.warning("ONNX parity on synthetic signals: pass --parity-data DATASET to check on real speech")
+        return [_synthetic_speech(seconds, seed) for seed, seconds in enumerate((1.0, 2.5, 4.0))], "synthetic speech-like signals"
+    split = data.eval_split_name or data.train_split_name
+    try:
+        dataset = load_audio_dataset(data, split)
+    except (ValueError, KeyError) as err:  # a named split the source lacks: fall back to the training split
+        if split == data.train_split_name:
+            raise
+        logger.info("parity data: no %s split (%s); using %s", split, err, data.train_split_name)
+        split = data.train_split_name
+        dataset = load_audio_dataset(data, split)
+    waves = [batch["waveforms"][0] for batch in make_eval_batches(dataset, data, 1, _PARITY_CANDIDATES) if batch["ids"]]
+    if not waves:
+        raise ValueError(f"ONNX parity: no readable utterance in {data.dataset_name} [{split}]")
+    waves.sort(key=len)
+    picks = sorted({round(i * (len(waves) - 1) / max(count - 1, 1)) for i in range(count)})
+    return [waves[i] for i in picks], f"{data.dataset_name} [{split}]"
+
+
+def _synthetic_speech(seconds: float, seed: int) -> torch.Tensor:
+    # Harmonics under a syllable-rate envelope plus noise: speech-like spectra, no data needed.
+    g = torch.Generator().manual_seed(seed)
+    t = torch.arange(int(seconds * 16000)) / 16000
+    f0 = 110.0 + 15.0 * seed
+    voiced = sum(torch.sin(2 * torch.pi * f0 * k * t) / k for k in range(1, 6))
+    envelope = 0.5 + 0.5 * torch.sin(2 * torch.pi * 3 * t)
+    return (0.1 * voiced * envelope + 0.01 * torch.randn(t.shape, generator=g)).float()

@@ -1,7 +1,8 @@
 """SUPERB-style probing: a frozen encoder, a layer interface (WeightedSum / HConv) and a small head.
 
 One call probes a student, the fused teacher or one upstream under the same budget (steps, lr,
-seed, head): `run_probe(hf_encoder_extractor(model), train_batches, dev_batches, task)`, or for
+seed, head): `run_probe(hf_encoder_extractor(model), train_batches, dev_batches, task)` (an
+exported ONNX graph: `onnx_extractor("STUDENT/model_int8.onnx")`), or for
 several tasks at once `run_probes(extract, train_batches, dev_batches, tasks)`, which extracts every
 utterance once and trains one interface + head per task on the shared cache.
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
@@ -40,7 +42,7 @@ from teachers.upstream import _wants_normalised
 from .metrics import error_rate
 
 __all__ = ["ProbeTask", "ProbeResult", "Extractor", "run_probe", "run_probes", "hf_encoder_extractor",
-           "teacher_extractor", "wants_normalised", "is_missing"]
+           "onnx_extractor", "teacher_extractor", "wants_normalised", "is_missing"]
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +164,39 @@ def hf_encoder_extractor(model: nn.Module, normalize: Optional[bool] = None) -> 
         if wants_norm:
             waveforms = normalize_waveforms(waveforms, lengths)[0]
         states = _run_unpadded(model, [waveforms[b, : int(n)] for b, n in enumerate(lengths.tolist())])
+        frames = torch.tensor([s.shape[1] for s in states], dtype=torch.long)
+        out = states[0].new_zeros(states[0].shape[0], len(states), int(frames.max()), states[0].shape[-1])
+        for b, s in enumerate(states):
+            out[:, b, : s.shape[1]] = s
+        return out, frames
+
+    return extract
+
+
+def onnx_extractor(model: Union[str, "os.PathLike[str]", Any], normalize: bool = True, threads: int = 1) -> Extractor:
+    """All hidden states (L + 1, B, T, D) of an exported student's ONNX graph (students.onnx:
+    `model.onnx` or `model_int8.onnx`, a path or an onnxruntime InferenceSession), so a probe
+    scores exactly what ships under ONNX Runtime.
+
+    As `hf_encoder_extractor`: items run one by one, unpadded, normalised per utterance when
+    `normalize` (the folder's preprocessor_config.json `do_normalize`; True for every export).
+    Features come back as float32 CPU tensors.
+    """
+    from students.onnx import onnx_session, run_onnx
+
+    session = model if hasattr(model, "run") else onnx_session(model, threads)
+    names = [o.name for o in session.get_outputs() if o.name.startswith("hidden_state_")]
+    if not names:
+        raise ValueError("onnx_extractor: the graph has no hidden_state_* outputs; export it with students.onnx")
+    names.sort(key=lambda name: int(name.rsplit("_", 1)[1]))  # hidden_state_10 after hidden_state_9
+
+    def extract(waveforms: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if normalize:
+            waveforms = normalize_waveforms(waveforms, lengths)[0]
+        states = []
+        for b, n in enumerate(lengths.tolist()):
+            outputs = run_onnx(session, waveforms[b: b + 1, : int(n)].float().cpu())
+            states.append(torch.stack([torch.from_numpy(outputs[name][0]) for name in names]))  # (L + 1, T, D)
         frames = torch.tensor([s.shape[1] for s in states], dtype=torch.long)
         out = states[0].new_zeros(states[0].shape[0], len(states), int(frames.max()), states[0].shape[-1])
         for b, s in enumerate(states):

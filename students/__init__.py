@@ -5,7 +5,8 @@ Never imports `teachers` or `distill`.
 """
 
 from .build import ARCHS, build_student, build_student_config, init_from_upstream
-from .export import export_student, push_to_hub
+from .export import add_onnx, export_student, push_to_hub
+from .onnx import ParityError, ParityReport, check_parity, export_onnx, quantize_int8
 from .heads import HEAD_MODES, PredictionHeads
 from .presets import PRESETS
 from .student import DistillStudent, StudentOutput, normalize_waveforms
@@ -23,4 +24,10 @@ __all__ = [
     "normalize_waveforms",
     "export_student",
     "push_to_hub",
+    "add_onnx",
+    "export_onnx",
+    "quantize_int8",
+    "check_parity",
+    "ParityReport",
+    "ParityError",
 ]

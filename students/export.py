@@ -9,20 +9,38 @@ plain `AutoModel` and checked key by key before it is returned.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 import yaml
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 from transformers import AutoModel, PreTrainedModel, Wav2Vec2FeatureExtractor
 
-__all__ = ["EXPORT_FILES", "export_student", "push_to_hub"]
+from .onnx import (FP32_TOLERANCE, INT8_FILE, INT8_MIN_COSINE, ONNX_FILE, PARITY_FILE, ParityError, ParityReport,
+                   check_parity, export_onnx, quantize_int8, require_onnx, write_parity)
+
+__all__ = ["EXPORT_FILES", "export_student", "push_to_hub", "add_onnx", "files_section", "onnx_section"]
 
 EXPORT_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", "README.md")
 SAMPLING_RATE = 16000
+_DEFAULT_MODEL_ID = "path/to/this/folder"  # in code blocks when the card names no hub repo
+logger = logging.getLogger(__name__)
 _TAGS = ["audio", "speech", "feature-extraction", "distillation", "fusion-distill"]
+_FILE_NOTES = {
+    "config.json": "model configuration (native `model_type`: `AutoModel` loads it)",
+    "model.safetensors": "PyTorch weights",
+    "preprocessor_config.json": "`Wav2Vec2FeatureExtractor` settings (normalisation, attention mask)",
+    "README.md": "this card",
+    ONNX_FILE: "ONNX graph, fp32: runs under ONNX Runtime without PyTorch",
+    INT8_FILE: "ONNX graph, dynamic int8 (int8 MatMul weights; convolutions stay fp32)",
+    PARITY_FILE: "ONNX vs PyTorch parity figures (the table below), machine-readable",
+}
+# Card blocks the ONNX step rewrites in place; HTML comments do not render on the Hub.
+_FILES_BLOCK = ("<!-- fusion-distill:files -->", "<!-- /fusion-distill:files -->")
+_ONNX_BLOCK = ("<!-- fusion-distill:onnx -->", "<!-- /fusion-distill:onnx -->")
 # card_data keys with their own place in the card; any other key is listed under "Details".
 _CARD_KEYS = ("teachers", "fusion", "target_layers", "dataset", "steps", "final_losses", "metrics", "recipe", "repo_id", "license", "model_name")
 
@@ -103,7 +121,8 @@ def make_model_card(encoder: PreTrainedModel, card_data: dict[str, Any]) -> Mode
     sections = [
         _overview(encoder, card_data),
         _distillation_section(card_data),
-        _usage_section(card_data.get("repo_id") or "path/to/this/folder", encoder.config.feat_extract_norm),
+        _usage_section(card_data.get("repo_id") or _DEFAULT_MODEL_ID, encoder.config.feat_extract_norm),
+        files_section(EXPORT_FILES),
         _recipe_section(card_data.get("recipe")),
     ]
     body = "\n\n".join(section for section in sections if section)
@@ -192,6 +211,122 @@ ctc = AutoModelForCTC.from_pretrained(
 # Utterance classification (keyword spotting, speaker, emotion, ...): the classifier head is new.
 classifier = AutoModelForAudioClassification.from_pretrained("{model_id}", num_labels=5)
 ```"""
+
+
+def files_section(names: Sequence[str]) -> str:
+    """The card's "Files" table for `names` (known files described, others listed as is)."""
+    rows = [f"| `{name}` | {_FILE_NOTES.get(name, '')} |" for name in names]
+    return "\n".join([_FILES_BLOCK[0], "## Files\n", "| file | what |", "|---|---|", *rows, _FILES_BLOCK[1]])
+
+
+def onnx_section(model_id: str, reports: Sequence[ParityReport], feat_extract_norm: str) -> str:
+    """The card's ONNX part: how to run the graph with onnxruntime, and the parity figures."""
+    fp32 = reports[0]
+    lines = [
+        _ONNX_BLOCK[0], "## ONNX Runtime\n",
+        f"`{ONNX_FILE}` takes `input_values` (batch, samples; float32, normalised by the feature extractor) and "
+        "`attention_mask` (batch, samples; int64) and returns `last_hidden_state` and `hidden_state_0` ... "
+        "`hidden_state_L` (batch, frames, hidden), as `output_hidden_states=True` does in PyTorch. Batch and "
+        "time are dynamic. No PyTorch needed: `pip install onnxruntime transformers`."
+        + (f" `{INT8_FILE}` has the same inputs and outputs." if len(reports) > 1 else ""),
+        "",
+        _onnx_code(model_id),
+        "",
+        "Group-norm front-end: run utterances one by one (an all-ones mask)." if feat_extract_norm != "layer" else
+        "Batches: pad with the feature extractor and pass its `attention_mask`.",
+        "\n### Parity with PyTorch\n",
+        f"Every output compared with the PyTorch model on {len(fp32.lengths)} utterances ({fp32.source}; "
+        f"{min(fp32.lengths) / 16000:.2f}-{max(fp32.lengths) / 16000:.2f} s), each alone"
+        + (" and all in one zero-padded batch" if fp32.padded_batch else "") + ", valid frames only; "
+        "cosine = mean per-frame cosine similarity.\n",
+        "| file | max abs difference | mean cosine | worst output's cosine | check |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for r in reports:
+        check = (f"max abs <= {r.tolerance:g}" if r.tolerance is not None else f"cosine >= {r.min_cosine:g}")
+        lines.append(f"| `{r.file}` | {r.max_abs:.2e} | {r.mean_cosine:.5f} | {r.worst_cosine:.5f} | "
+                     f"{check}: {'passed' if r.passed else 'FAILED'} |")
+    lines.append(_ONNX_BLOCK[1])
+    return "\n".join(lines)
+
+
+def _onnx_code(model_id: str) -> str:
+    local = model_id == _DEFAULT_MODEL_ID
+    fetch = (f'onnx_path = "{model_id}/{ONNX_FILE}"' if local else
+             f'onnx_path = hf_hub_download("{model_id}", "{ONNX_FILE}")  # or "{INT8_FILE}"')
+    return f"""```python
+import numpy as np
+import onnxruntime as ort
+{"" if local else "from huggingface_hub import hf_hub_download" + chr(10)}from transformers import Wav2Vec2FeatureExtractor
+
+{fetch}
+session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+feature_extractor = Wav2Vec2FeatureExtractor.from_pretrained("{model_id}")
+audio = np.random.randn(16000).astype(np.float32)  # 1 s of mono 16 kHz audio
+inputs = feature_extractor(audio, sampling_rate=16000, return_tensors="np", return_attention_mask=True)
+last_hidden_state, *hidden_states = session.run(None, {{
+    "input_values": inputs["input_values"].astype(np.float32),
+    "attention_mask": inputs["attention_mask"].astype(np.int64),
+}})
+```"""
+
+
+def add_onnx(
+    folder: str | Path,
+    encoder: PreTrainedModel,
+    waveforms: Sequence[torch.Tensor],
+    source: str,
+    quantize: str | None = None,
+    repo_id: str | None = None,
+) -> list[ParityReport]:
+    """Put `model.onnx` (and with quantize="int8" `model_int8.onnx`) beside an exported folder's
+    HF files, check both against `encoder` on `waveforms` (raw 16 kHz, several lengths; `source`
+    says where they come from), write onnx_parity.json and the card's Files and ONNX sections.
+
+    Raises ParityError (one line) and leaves no graph behind when the fp32 graph is off by more
+    than FP32_TOLERANCE on any output. An int8 graph below INT8_MIN_COSINE is kept and reported
+    (a warning and "FAILED" in the card): its cost in task score is for the user to weigh.
+    """
+    require_onnx()
+    if quantize not in (None, "int8"):
+        raise ValueError(f"add_onnx: quantize={quantize!r}, expected None or 'int8'")
+    folder = Path(folder)
+    for stale in (ONNX_FILE, INT8_FILE, PARITY_FILE):  # a previous export's graphs must not outlive it
+        (folder / stale).unlink(missing_ok=True)
+    fp32_path = export_onnx(encoder, folder / ONNX_FILE)
+    fp32 = check_parity(encoder, fp32_path, waveforms, source=source, tolerance=FP32_TOLERANCE)
+    if not fp32.passed:
+        fp32_path.unlink()  # never leave a wrong graph where push_to_hub would upload it
+        raise ParityError(f"ONNX export refused: fp32 graph differs from PyTorch by {fp32.max_abs:.2e} "
+                          f"(> {FP32_TOLERANCE:g}) on {len(fp32.lengths)} utterances ({source})")
+    reports = [fp32]
+    if quantize == "int8":
+        int8 = check_parity(encoder, quantize_int8(fp32_path, folder / INT8_FILE), waveforms, source=source,
+                            min_cosine=INT8_MIN_COSINE)
+        if not int8.passed:
+            logger.warning("int8 graph below cosine %g: %s", INT8_MIN_COSINE, int8.summary())
+        reports.append(int8)
+    write_parity(folder, reports)
+    card_path = folder / "README.md"
+    text = card_path.read_text() if card_path.is_file() else ""
+    present = [name for name in _FILE_NOTES if (folder / name).is_file()]
+    present += sorted(p.name for p in folder.iterdir() if p.is_file() and p.name not in _FILE_NOTES)
+    blocks = files_section(present) + "\n\n" + onnx_section(repo_id or _DEFAULT_MODEL_ID, reports,
+                                                               encoder.config.feat_extract_norm)
+    card_path.write_text(_replace_blocks(text, blocks))
+    return reports
+
+
+def _replace_blocks(text: str, blocks: str) -> str:
+    # Drop earlier Files/ONNX blocks and put the new ones where the Files block was (else at the end).
+    at = text.find(_FILES_BLOCK[0])
+    for begin, end in (_FILES_BLOCK, _ONNX_BLOCK):
+        start = text.find(begin)
+        if start >= 0 and text.find(end, start) >= 0:
+            text = text[:start] + text[text.find(end, start) + len(end):]
+    if at < 0 or at > len(text):
+        return text.rstrip() + "\n\n" + blocks + "\n"
+    return text[:at] + blocks + text[at:]
 
 
 def _recipe_section(recipe: Any) -> str:
