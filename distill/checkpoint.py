@@ -8,72 +8,222 @@ never from the folder name; names are only used to order checkpoints for rotatio
 With evaluation during training, the checkpoint with the best eval loss holds a `best_checkpoint`
 marker and the run folder a `best_checkpoint.json` (step, folder, eval figures); rotation keeps
 the `save_total_limit` newest checkpoints plus that one, whatever its age.
+
+Faults (issue 7): the completion marker is JSON recording the step, the number of processes and
+the sha256 of every file, hashed from disk after writing, so the newest checkpoint is a verified
+one and `find_checkpoint` can tell a damaged one (truncated file, bit rot) from a good one. A save
+that fails (full disk, permissions) removes its partial folder and leaves the others untouched; a
+student with non-finite weights is never saved. A checkpoint whose weights made training diverge
+gets a `diverged` marker and is no longer `latest`. Resuming compares the checkpoint's recipe with
+the current one (`check_resume_recipe`).
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
+import logging
 import os
 import re
 import shutil
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any, Optional, Sequence
 
 import torch
 from accelerate import Accelerator
 from omegaconf import OmegaConf
 
+from .config import RecipeConfig, RecipeError, load_recipe
+
 __all__ = [
-    "CHECKPOINT_PREFIX", "BEST_FILE", "save_checkpoint", "list_checkpoints", "find_checkpoint", "mark_best",
-    "read_best", "load_weights_strict",
+    "CHECKPOINT_PREFIX", "BEST_FILE", "CheckpointError", "save_checkpoint", "list_checkpoints", "find_checkpoint",
+    "checkpoint_info", "verify_checkpoint", "mark_best", "mark_diverged", "read_best", "load_weights_strict",
+    "nonfinite_weights", "any_rank", "recipe_changes", "check_resume_recipe", "describe_changes", "SAFE_TO_CHANGE",
 ]
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 COMPLETE_MARKER = "checkpoint_complete"
 BEST_MARKER = "best_checkpoint"  # inside the checkpoint folder: rotation never deletes it
 BEST_FILE = "best_checkpoint.json"  # in the run folder: which checkpoint, and its eval figures
+DIVERGED_MARKER = "diverged"  # inside a checkpoint whose weights gave only non-finite losses
+RECIPE_FILE = "recipe.yaml"
 _NAME = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
+# Written after the marker, so not covered by its checksums.
+_UNHASHED = {COMPLETE_MARKER, BEST_MARKER, DIVERGED_MARKER}
 
 
-def save_checkpoint(accelerator: Accelerator, out: Path, step: int, total_limit: int | None, cfg) -> Path:
-    """Save model, optimizer, scheduler, RNG and TrainState; then rotate old checkpoints."""
+class CheckpointError(OSError):
+    """A checkpoint that could not be written or read; the message is one line naming the folder."""
+
+
+def any_rank(accelerator: Accelerator, flag: bool) -> bool:
+    """True on every rank when `flag` is True on one; a single process needs no collective."""
+    if accelerator.num_processes == 1:
+        return flag
+    return accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), reduction="sum").item() > 0
+
+
+def nonfinite_weights(module: torch.nn.Module | dict[str, torch.Tensor]) -> tuple[int, Optional[str]]:
+    """(number of NaN/inf values, the first tensor holding one) over a module's or a dict's tensors."""
+    tensors = module.state_dict() if isinstance(module, torch.nn.Module) else module
+    count, first = 0, None
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            continue
+        bad = int((~torch.isfinite(tensor.detach())).sum())
+        if bad and first is None:
+            first = name
+        count += bad
+    return count, first
+
+
+def save_checkpoint(
+    accelerator: Accelerator, out: Path, step: int, total_limit: int | None, cfg: RecipeConfig, model: torch.nn.Module
+) -> Optional[Path]:
+    """Save model, optimizer, scheduler, RNG and TrainState; then rotate old checkpoints.
+
+    Returns None (and writes nothing) when `model` holds non-finite weights on any rank. Raises
+    CheckpointError on every rank when any rank failed to write; the partial folder is removed.
+    """
     final = out / f"{CHECKPOINT_PREFIX}{step}"
+    bad, first = nonfinite_weights(accelerator.unwrap_model(model))
+    if any_rank(accelerator, bad > 0):
+        # Such a checkpoint would be the newest, so `latest` and rotation would favour it over good ones.
+        logger.warning("step %d: not saving %s: the student holds non-finite weights%s", step, final.name, f" (first: {first})" if first else "")
+        return None
     tmp = out / f".{CHECKPOINT_PREFIX}{step}.partial"
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)  # left by a run killed while saving
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))  # every process writes its own RNG state
-    accelerator.wait_for_everyone()
+    failure: Optional[OSError] = None
+    try:  # no collective inside save_state (plain DDP): a rank that fails here cannot hang the others
+        accelerator.save_state(str(tmp))  # every process writes its own RNG state
+    except OSError as err:
+        failure = err
+    if any_rank(accelerator, failure is not None):
+        _raise_save_failure(accelerator, tmp, final, failure)
     if accelerator.is_main_process:
-        OmegaConf.save(OmegaConf.structured(cfg), tmp / "recipe.yaml")
-        (tmp / COMPLETE_MARKER).write_text(f"{step}\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)  # atomic on one filesystem: the checkpoint appears whole
-        _rotate(out, total_limit)
-    accelerator.wait_for_everyone()
+        try:
+            OmegaConf.save(OmegaConf.structured(cfg), tmp / RECIPE_FILE)
+            info = {"step": step, "num_processes": accelerator.num_processes, "files": _hash_files(tmp)}
+            (tmp / COMPLETE_MARKER).write_text(json.dumps(info, indent=1) + "\n")
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)  # atomic on one filesystem: the checkpoint appears whole
+            _rotate(out, total_limit)
+        except OSError as err:
+            failure = err
+    if any_rank(accelerator, failure is not None):
+        _raise_save_failure(accelerator, tmp, final, failure)
     return final
 
 
-def list_checkpoints(out: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
+def _raise_save_failure(accelerator: Accelerator, tmp: Path, final: Path, failure: Optional[OSError]) -> None:
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    if failure is None:  # another rank failed; this one wrote its part
+        raise CheckpointError(f"checkpoint {final}: another process failed to write its part; earlier checkpoints are untouched")
+    name = errno.errorcode.get(failure.errno or 0, "error")
+    raise CheckpointError(
+        f"checkpoint {final}: could not be written ({name}: {failure.strerror or failure}); partial folder removed, "
+        f"earlier checkpoints are untouched; free space or fix permissions, then --resume-from latest"
+    )
+
+
+def _hash_files(folder: Path) -> dict[str, str]:
+    # Read back from disk after writing: what is hashed is what a resume will read.
+    return {str(path.relative_to(folder)): _sha256(path) for path in sorted(folder.rglob("*"))
+            if path.is_file() and path.name not in _UNHASHED}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_info(path: Path) -> dict:
+    """The completion marker: {"step", "num_processes", "files"}; older markers hold just the step."""
+    text = (Path(path) / COMPLETE_MARKER).read_text().strip()
+    if text.isdigit():  # written before checksums were recorded
+        return {"step": int(text), "num_processes": None, "files": None}
+    try:
+        info = json.loads(text)
+        return {"step": int(info["step"]), "num_processes": info.get("num_processes"), "files": info.get("files")}
+    except (ValueError, KeyError, TypeError):
+        raise CheckpointError(f"{path}/{COMPLETE_MARKER}: damaged (neither a step nor the JSON checkpoint record)") from None
+
+
+def verify_checkpoint(path: Path) -> Optional[str]:
+    """None when every file matches the marker's sha256; else what is wrong, naming the file."""
+    path = Path(path)
+    try:
+        files = checkpoint_info(path)["files"]
+    except CheckpointError as err:
+        return str(err)
+    if files is None:
+        return None  # an older checkpoint without checksums: nothing to compare against
+    for name, expected in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{file} is missing"
+        if _sha256(file) != expected:
+            return f"{file} is damaged (sha256 differs from the one recorded when it was saved)"
+    return None
+
+
+def list_checkpoints(out: Path, include_diverged: bool = False) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (without the diverged ones unless asked)."""
     found = []
     for path in Path(out).glob(f"{CHECKPOINT_PREFIX}*"):
         match = _NAME.match(path.name)
-        if match and (path / COMPLETE_MARKER).exists():
+        if match and (path / COMPLETE_MARKER).exists() and (include_diverged or not (path / DIVERGED_MARKER).exists()):
             found.append((int(match.group(1)), path))
     return [path for _, path in sorted(found)]
 
 
-def find_checkpoint(out: Path, which: str) -> Path:
-    """`latest` -> newest complete checkpoint of the run; otherwise a checkpoint folder."""
+def find_checkpoint(out: Path, which: str, verify: bool = True) -> Path:
+    """`latest` -> the newest complete checkpoint that verifies (damaged newer ones are named in a
+    warning); otherwise a checkpoint folder, which must verify. Errors are one line."""
     if which == "latest":
         checkpoints = list_checkpoints(out)
         if not checkpoints:
-            raise FileNotFoundError(f"--resume-from latest: no complete checkpoint in {out}")
-        return checkpoints[-1]
+            diverged = list_checkpoints(out, include_diverged=True)
+            hint = f" ({diverged[-1].name} is marked diverged; name it explicitly to use it anyway)" if diverged else ""
+            raise FileNotFoundError(f"no complete checkpoint in {out}{hint}")
+        damaged = []
+        for path in reversed(checkpoints):
+            problem = verify_checkpoint(path) if verify else None
+            if problem is None:
+                if damaged:
+                    logger.warning("%s; using %s instead", "; ".join(damaged), path.name)
+                return path
+            damaged.append(problem)
+        raise CheckpointError(f"no intact checkpoint in {out}: {'; '.join(damaged)}")
     path = Path(which)
     if not (path / COMPLETE_MARKER).exists():
-        raise FileNotFoundError(f"--resume-from {which}: not a complete checkpoint folder (no {COMPLETE_MARKER})")
+        raise FileNotFoundError(f"{which}: not a complete checkpoint folder (no {COMPLETE_MARKER})")
+    problem = verify_checkpoint(path) if verify else None
+    if problem is not None:
+        raise CheckpointError(problem)
+    if (path / DIVERGED_MARKER).exists():
+        logger.warning("%s: training diverged from these weights before (%s)", path, (path / DIVERGED_MARKER).read_text().strip())
+    return path
+
+
+def mark_diverged(out: Path, step: int, reason: str) -> Optional[Path]:
+    """Mark checkpoint-STEP (main process only) so `latest` skips it; None when there is none."""
+    path = Path(out) / f"{CHECKPOINT_PREFIX}{step}"
+    if not (path / COMPLETE_MARKER).exists():
+        return None
+    (path / DIVERGED_MARKER).write_text(reason + "\n")
     return path
 
 
@@ -116,6 +266,82 @@ def _rotate(out: Path, total_limit: int | None) -> None:
     # The newest `total_limit` stay (resume needs the latest); so does the best, however old.
     if not total_limit or total_limit < 1:
         return
-    for path in list_checkpoints(out)[:-total_limit]:
+    kept = list_checkpoints(out)
+    for path in kept[:-total_limit]:
         if not (path / BEST_MARKER).exists():
             shutil.rmtree(path)
+    # A diverged checkpoint older than the newest good one is of no further use.
+    for path in list_checkpoints(out, include_diverged=True):
+        if kept and (path / DIVERGED_MARKER).exists() and _step_of(path) < _step_of(kept[-1]):
+            shutil.rmtree(path)
+
+
+def _step_of(path: Path) -> int:
+    return int(_NAME.match(path.name).group(1))
+
+
+# --------------------------------------------------------------------------- resuming with a recipe
+
+# Keys that change neither the trained weights nor which batches come next: accepted on resume and
+# logged. Everything else (teacher, student, loss, data, optimiser and schedule, seed, batch
+# shape, mixed precision, eval set) is refused unless named in --allow-recipe-change. max_steps is
+# here because extending a run is what resuming is for, though a decaying schedule follows it.
+SAFE_TO_CHANGE = frozenset({
+    "training.output_dir", "training.max_steps", "training.save_steps", "training.save_total_limit",
+    "training.logging_steps", "training.report_to", "training.max_nonfinite_steps", "data.dataloader_num_workers",
+    # evaluation bookkeeping: when to evaluate, when to stop, what to export and report
+    "training.eval_steps", "training.early_stopping_patience", "training.load_best_at_end",
+    "training.convergence_window", "training.convergence_min_slope",
+})
+NUM_PROCESSES = "num_processes"  # not a recipe key, but it decides the batches like one
+
+
+def _flat(cfg: RecipeConfig) -> dict[str, Any]:
+    return {f"{section}.{key}": value for section, values in asdict(cfg).items() for key, value in values.items()}
+
+
+def recipe_changes(old: RecipeConfig, new: RecipeConfig) -> dict[str, tuple[Any, Any]]:
+    """Dotted key -> (old value, new value) for every recipe key that differs."""
+    a, b = _flat(old), _flat(new)
+    return {key: (a.get(key), b.get(key)) for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)}
+
+
+def check_resume_recipe(
+    checkpoint: Path, cfg: RecipeConfig, num_processes: int, allow: Sequence[str] = ()
+) -> tuple[dict[str, tuple[Any, Any]], dict[str, tuple[Any, Any]]]:
+    """Compare the checkpoint's recipe (and process count) with this run's.
+
+    Returns (safe changes, forced changes); raises one RecipeError line listing every other
+    differing key with its old and new value. `allow`: dotted keys (or `num_processes`) whose
+    change the user forces.
+    """
+    known = set(_flat(cfg)) | {NUM_PROCESSES}
+    unknown = sorted(set(allow) - known)
+    if unknown:
+        raise RecipeError(f"--allow-recipe-change: unknown key(s) {', '.join(unknown)} (expected dotted recipe keys like training.learning_rate, or {NUM_PROCESSES})")
+    saved = Path(checkpoint) / RECIPE_FILE
+    if not saved.is_file():
+        raise RecipeError(f"{saved}: missing; cannot tell whether the recipe changed since this checkpoint")
+    changes = recipe_changes(load_recipe(saved), cfg)
+    before = checkpoint_info(checkpoint)["num_processes"]
+    if before is not None and before != num_processes:
+        changes[NUM_PROCESSES] = (before, num_processes)
+    safe = {k: v for k, v in changes.items() if k in SAFE_TO_CHANGE}
+    forced = {k: v for k, v in changes.items() if k not in SAFE_TO_CHANGE and k in allow}
+    refused = {k: v for k, v in changes.items() if k not in SAFE_TO_CHANGE and k not in allow}
+    if refused:
+        raise RecipeError(
+            f"--resume-from {checkpoint}: the recipe differs from the checkpoint's in {describe_changes(refused)}; "
+            f"resume with the checkpoint's values, or force with --allow-recipe-change {','.join(refused)} (the run is then not reproducible)"
+        )
+    return safe, forced
+
+
+def describe_changes(changes: dict[str, tuple[Any, Any]]) -> str:
+    """`key: old -> new, ...` in one line."""
+    return ", ".join(f"{key}: {_short(a)} -> {_short(b)}" for key, (a, b) in changes.items())
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -3,7 +3,7 @@
     fusion-distill inspect-teacher RECIPE
     fusion-distill cache-targets RECIPE --out DIR [--split SPLIT] [--teacher DIR] [--shard-size N] [key=value ...]
     fusion-distill fit-teacher RECIPE --out DIR [--task ctc|classification] [--column C] [--max-items N] [--device D]
-    fusion-distill train RECIPE [--output-dir DIR] [--resume-from latest|DIR] [key=value ...]
+    fusion-distill train RECIPE [--output-dir DIR] [--resume-from latest|DIR [--allow-recipe-change KEY[,KEY]]] [key=value ...]
     fusion-distill evaluate (RUN_DIR | STUDENT_DIR) [--teacher DIR] [--data DATA] [--no-probe] [--no-cost]
     fusion-distill export (RUN_DIR | STUDENT_DIR) OUT_DIR [--onnx [--quantize int8] [--parity-data DATA]] [--push-to-hub REPO_ID]
 """
@@ -24,7 +24,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
     overrides = list(args.overrides)
     if args.output_dir:
         overrides.append(f"training.output_dir={args.output_dir}")
-    export_dir = train(load_recipe(args.recipe, overrides), resume_from=args.resume_from)
+    allow = [key.strip() for group in args.allow_recipe_change or [] for key in group.split(",") if key.strip()]
+    export_dir = train(load_recipe(args.recipe, overrides), resume_from=args.resume_from, allow_recipe_change=allow)
     if _is_main_process():
         print(f"\nStudent: {export_dir}\nLoad it with no custom code:\n"
               f"  from transformers import AutoModel\n  model = AutoModel.from_pretrained({str(export_dir)!r})")
@@ -126,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.max_steps=200")
     p.add_argument("--output-dir", help="run folder (overrides training.output_dir)")
     p.add_argument("--resume-from", help="'latest' or a checkpoint folder")
+    p.add_argument("--allow-recipe-change", action="append", metavar="KEY[,KEY]",
+                   help="with --resume-from: accept these changed recipe keys (e.g. training.learning_rate); the run is then not reproducible")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("export", help="write the run's student as a stock Hugging Face folder (and ONNX)")

@@ -114,6 +114,9 @@ class TrainingConfig:
     save_steps: int = 100
     save_total_limit: Optional[int] = 2
     report_to: Optional[str] = "tensorboard"  # tensorboard | none
+    # A step whose loss or gradient norm is NaN/inf is not applied; after this many in a row the
+    # run stops and names the newest good checkpoint (a diverged run rarely recovers by itself).
+    max_nonfinite_steps: int = 10
     # Held-out evaluation during training (distill/validation.py): every eval_steps optimizer
     # steps and at the end, on data.eval_split_name. None: no evaluation while training.
     eval_steps: Optional[int] = None
@@ -200,6 +203,8 @@ def _check_choices(cfg: RecipeConfig, path: Path) -> None:
         raise RecipeError(f"{path}: teacher.projection_fit=supervised needs teacher.pretrained (a folder from fit-teacher)")
     if not cfg.teacher.upstreams:
         raise RecipeError(f"{path}: teacher.upstreams is empty, expected at least one model")
+    if cfg.training.max_nonfinite_steps < 1:
+        raise RecipeError(f"{path}: training.max_nonfinite_steps={cfg.training.max_nonfinite_steps}, expected >= 1")
     _check_eval(cfg, path)
 
 

@@ -21,7 +21,7 @@ from students.export import EXPORT_FILES
 from students.onnx import require_onnx
 
 from .build import student_config
-from .checkpoint import COMPLETE_MARKER, find_checkpoint, load_weights_strict, read_best
+from .checkpoint import checkpoint_info, find_checkpoint, load_weights_strict, nonfinite_weights, read_best
 from .config import DataConfig, load_recipe
 from .data import make_eval_batches
 from .sources import load_audio_dataset
@@ -52,7 +52,13 @@ def export_run(
         encoder, step = student.encoder, None
     else:
         source = find_checkpoint(run_dir, str(checkpoint)) if checkpoint else export_checkpoint(cfg, run_dir)
-        encoder, step = _encoder_from_checkpoint(cfg, source), int((source / COMPLETE_MARKER).read_text())
+        encoder, step = _encoder_from_checkpoint(cfg, source), checkpoint_info(source)["step"]
+    bad, first = nonfinite_weights(encoder)
+    if bad:  # NaN != NaN: the reload check would fail with a traceback; a NaN model is no product anyway
+        raise ValueError(f"{run_dir}: export refused: the student has {bad} non-finite weights (first: {first}); "
+                         f"resume from an earlier checkpoint with a lower training.learning_rate")
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise FileExistsError(f"{out_dir}: is a file; export needs a folder path")
     folder = export_student(encoder, out_dir, card_data_for_run(cfg, run_dir, step))
     if onnx:
         add_onnx(folder, encoder, *parity_waveforms(_parity_data_config(parity_data, cfg.data)), quantize=quantize,

@@ -5,6 +5,11 @@ mixed precision, gradient accumulation, checkpoint state and trackers; the loop 
 
     fusion-distill train recipes/demo.yaml --output-dir runs/demo
     accelerate launch -m distill train RECIPE        # many GPUs (or ACCELERATE_USE_CPU=1 --multi_gpu)
+
+Faults (distill/faults.py, distill/checkpoint.py): a step with a non-finite loss or gradient norm
+is not applied, and too many in a row stop the run naming the newest good checkpoint; SIGTERM or
+SIGINT finishes the optimizer step, saves and exits 143/130; a resume refuses recipe changes that
+would make it differ from an uninterrupted run; a damaged newest checkpoint is passed over.
 """
 
 from __future__ import annotations
@@ -16,12 +21,12 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Optional, Sequence
 
 import datasets
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, send_to_device, set_seed
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, send_to_device, set_seed
 from datasets.distributed import split_dataset_by_node
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
@@ -29,10 +34,14 @@ from transformers import get_scheduler
 
 from .build import build_distill_student, build_teacher
 from .cache import TargetCache
-from .checkpoint import CHECKPOINT_PREFIX, find_checkpoint, mark_best, save_checkpoint
-from .config import RecipeConfig
+from .checkpoint import (
+    CHECKPOINT_PREFIX, CheckpointError, any_rank, check_resume_recipe, describe_changes, find_checkpoint, mark_best,
+    save_checkpoint,
+)
+from .config import RecipeConfig, RecipeError
 from .data import SkipCounter, load_audio_dataset, make_train_dataloader
 from .export import export_run
+from .faults import StepHealth, StopSignals, check_writable, count_nonfinite_step, errno_name, preempt
 from .losses import distill_loss
 from .validation import Evaluator
 
@@ -54,6 +63,9 @@ class TrainState:
     eval_history: list = field(default_factory=list)  # [step, eval loss] per evaluation
     best_step: Optional[int] = None
     best_loss: Optional[float] = None
+    # Steps not applied because the loss or gradient norm was NaN/inf: in all, and in a row now.
+    nonfinite_steps: int = 0
+    nonfinite_in_a_row: int = 0
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -74,8 +86,14 @@ def loss_step(student, teacher, batch: dict, cos_weight: float) -> tuple[torch.T
     return distill_loss(out.predictions, targets.to(out.predictions.device), out.lengths, cos_weight)
 
 
-def train(cfg: RecipeConfig, resume_from: str | None = None) -> Path:
-    """Run the recipe; return the folder of the exported student."""
+def train(cfg: RecipeConfig, resume_from: str | None = None, allow_recipe_change: Sequence[str] = ()) -> Path:
+    """Run the recipe; return the folder of the exported student.
+
+    resume_from: `latest` or a checkpoint folder; allow_recipe_change: recipe keys (or
+    `num_processes`) whose change since that checkpoint is forced rather than refused.
+    Raises Preempted (exit 143/130) after a stop signal, TrainingDiverged after
+    training.max_nonfinite_steps non-finite steps in a row.
+    """
     t = cfg.training
     out = Path(t.output_dir)
     trackers = None if t.report_to in (None, "none") else t.report_to
@@ -85,9 +103,13 @@ def train(cfg: RecipeConfig, resume_from: str | None = None) -> Path:
         log_with=trackers,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
+    check_writable(out, accelerator.process_index)  # every rank: a failure is its own one line, no rank waits
+    if allow_recipe_change and not resume_from:
+        raise RecipeError(f"--allow-recipe-change {','.join(allow_recipe_change)}: only applies with --resume-from")
+    # Before anything is written: a refused resume must leave the run's recipe.yaml as it was.
+    checkpoint = _resume_checkpoint(accelerator, out, resume_from, cfg, allow_recipe_change) if resume_from else None
     set_seed(t.seed)
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(OmegaConf.structured(cfg), out / "recipe.yaml")
 
     # --- build: data, teacher (fitted once, saved with the run), student ---
@@ -132,9 +154,14 @@ def train(cfg: RecipeConfig, resume_from: str | None = None) -> Path:
     evaluator = Evaluator.build(cfg, accelerator, student, teacher, cache, out) if t.eval_steps else None
 
     # --- resume ---
-    if resume_from:
-        checkpoint = find_checkpoint(out, resume_from)
-        accelerator.load_state(str(checkpoint))
+    if checkpoint is not None:
+        try:
+            accelerator.load_state(str(checkpoint))
+        except RuntimeError as err:  # a forced student change: torch lists every tensor on its own line
+            lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+            detail = f"{len(lines) - 1} tensor(s) differ, e.g. {lines[1]}" if len(lines) > 1 else lines[0]
+            raise CheckpointError(f"{checkpoint}: cannot be loaded into this recipe's student: {detail}") from None
+        _apply_optimizer_recipe(optimizer, scheduler, t)
         accelerator.print(f"resumed from {checkpoint} at step {state.step}")
         if evaluator is not None:
             evaluator.forget_after(accelerator, state.step)
@@ -151,64 +178,84 @@ def train(cfg: RecipeConfig, resume_from: str | None = None) -> Path:
     window_audio, window_start = 0.0, time.perf_counter()
     postfix: dict[str, str] = {}
     stopped = False
+    loss_bad, parts_bad = False, {}  # non-finite flags of the current accumulation window
 
     # --- loop ---
     student.train()
-    while state.step < t.max_steps and not stopped:
-        (loader if hasattr(loader, "set_epoch") else loader.dataset).set_epoch(state.epoch)
-        batches = accelerator.skip_first_batches(loader, state.batches_in_epoch) if state.batches_in_epoch else loader
-        if streaming:
-            batches = _stream_on_device(accelerator, batches)
-        for batch in batches:
-            state.batches_in_epoch += 1
-            skipped.add(batch["skipped"])
-            if _any_rank(accelerator, batch["waveforms"].shape[0] == 0):
-                continue  # every utterance of some rank's batch was unreadable: all ranks skip it
-            with accelerator.accumulate(student):
-                if cache is not None:
-                    cache.add_targets(batch)
-                loss, parts = loss_step(student, teacher, batch, cfg.loss.cos_weight)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(student.parameters(), t.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            state.samples_seen += batch["waveforms"].shape[0]
-            window_audio += batch["waveforms"].numel() / cfg.data.sampling_rate
-            if not accelerator.sync_gradients:
-                continue
-            state.step += 1
-            progress.update(1)
-            if state.step % t.logging_steps == 0 or state.step == t.max_steps:
-                speed = window_audio / max(time.perf_counter() - window_start, 1e-9)
-                _log(accelerator, state, loss, parts, scheduler, speed, out)
-                postfix.update(loss=f"{loss.item():.4f}", audio_s_per_s=f"{speed:.1f}")
-                progress.set_postfix(postfix)
-                window_audio, window_start = 0.0, time.perf_counter()
-            # Evaluate before saving: the checkpoint then holds this evaluation in its TrainState.
-            outcome = evaluator(accelerator, student, state) if evaluator is not None and evaluator.due(state.step) else None
-            if outcome is not None:
-                postfix.update(eval_loss=f"{outcome.record['loss']:.4f}", best_step=str(state.best_step))
-                progress.set_postfix(postfix)
-                stopped = outcome.stop
-            if state.step % t.save_steps == 0 or state.step == t.max_steps or (outcome and (outcome.is_best or outcome.stop)):
-                state.skipped = skipped.counts
-                save_checkpoint(accelerator, out, state.step, t.save_total_limit, cfg)
-            if outcome is not None and outcome.is_best and accelerator.is_main_process:
-                mark_best(out, state.step, outcome.record, t.save_total_limit)
-            if stopped:
-                accelerator.print(
-                    f"early stopping at step {state.step}: no eval-loss improvement in {t.early_stopping_patience} "
-                    f"evaluations (best {state.best_loss:.4f} at step {state.best_step})"
-                )
-            if state.step >= t.max_steps or stopped:
-                break
-        else:  # the epoch ran out before max_steps
-            if skipped.counts:
-                logger.warning("epoch %d: %s", state.epoch, skipped.summary())
-            state.epoch += 1
-            state.batches_in_epoch = 0
+    signals = StopSignals()
+    scaler_skips_overflow = accelerator.scaler is not None  # fp16: the grad scaler skips inf steps itself
+    with signals:
+        while state.step < t.max_steps and not stopped:
+            (loader if hasattr(loader, "set_epoch") else loader.dataset).set_epoch(state.epoch)
+            batches = accelerator.skip_first_batches(loader, state.batches_in_epoch) if state.batches_in_epoch else loader
+            if streaming:
+                batches = _stream_on_device(accelerator, batches)
+            for batch in batches:
+                state.batches_in_epoch += 1
+                skipped.add(batch["skipped"])
+                if any_rank(accelerator, batch["waveforms"].shape[0] == 0):
+                    continue  # every utterance of some rank's batch was unreadable: all ranks skip it
+                with accelerator.accumulate(student):
+                    if cache is not None:
+                        cache.add_targets(batch)
+                    loss, parts = loss_step(student, teacher, batch, cfg.loss.cos_weight)
+                    # Over the accumulation window: one bad micro-batch spoils the summed gradient.
+                    loss_bad = loss_bad or not bool(torch.isfinite(loss.detach()))
+                    parts_bad = {k: parts_bad.get(k, False) or not bool(torch.isfinite(v).all()) for k, v in parts.items()}
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(student.parameters(), t.max_grad_norm)
+                        health = StepHealth.agree(accelerator, signals.received, loss_bad, grad_norm, parts_bad)
+                        applied = health.finite or (scaler_skips_overflow and health.loss_ok)
+                        if applied:  # skipped on every rank together: the replicas stay equal
+                            optimizer.step()
+                            scheduler.step()
+                    optimizer.zero_grad()
+                state.samples_seen += batch["waveforms"].shape[0]
+                window_audio += batch["waveforms"].numel() / cfg.data.sampling_rate
+                if not accelerator.sync_gradients:
+                    continue
+                loss_bad, parts_bad = False, {}
+                if not applied:
+                    count_nonfinite_step(accelerator, state, health, t.max_nonfinite_steps, out)
+                    if health.signal is not None:  # the weights are those of state.step; the data moved on
+                        preempt(accelerator, out, state, skipped, cfg, student, health.signal, progress, saved=False)
+                    continue
+                state.nonfinite_in_a_row = 0
+                state.step += 1
+                progress.update(1)
+                if state.step % t.logging_steps == 0 or state.step == t.max_steps:
+                    speed = window_audio / max(time.perf_counter() - window_start, 1e-9)
+                    _log(accelerator, state, loss, parts, scheduler, speed, out)
+                    postfix.update(loss=f"{loss.item():.4f}", audio_s_per_s=f"{speed:.1f}")
+                    progress.set_postfix(postfix)
+                    window_audio, window_start = 0.0, time.perf_counter()
+                # Evaluate before saving: the checkpoint then holds this evaluation in its TrainState.
+                outcome = evaluator(accelerator, student, state) if evaluator is not None and evaluator.due(state.step) else None
+                if outcome is not None:
+                    postfix.update(eval_loss=f"{outcome.record['loss']:.4f}", best_step=str(state.best_step))
+                    progress.set_postfix(postfix)
+                    stopped = outcome.stop
+                saved = False
+                if state.step % t.save_steps == 0 or state.step == t.max_steps or (outcome and (outcome.is_best or outcome.stop)):
+                    state.skipped = skipped.counts
+                    saved = save_checkpoint(accelerator, out, state.step, t.save_total_limit, cfg, student) is not None
+                if outcome is not None and outcome.is_best and saved and accelerator.is_main_process:
+                    mark_best(out, state.step, outcome.record, t.save_total_limit)
+                if health.signal is not None:
+                    preempt(accelerator, out, state, skipped, cfg, student, health.signal, progress, saved)
+                if stopped:
+                    accelerator.print(
+                        f"early stopping at step {state.step}: no eval-loss improvement in {t.early_stopping_patience} "
+                        f"evaluations (best {state.best_loss:.4f} at step {state.best_step})"
+                    )
+                if state.step >= t.max_steps or stopped:
+                    break
+            else:  # the epoch ran out before max_steps
+                if skipped.counts:
+                    logger.warning("epoch %d: %s", state.epoch, skipped.summary())
+                state.epoch += 1
+                state.batches_in_epoch = 0
     progress.close()
     accelerator.wait_for_everyone()
     # Every rank reports its weights' digest: equal lines show DDP kept the replicas in sync.
@@ -220,10 +267,15 @@ def train(cfg: RecipeConfig, resume_from: str | None = None) -> Path:
     export_dir = out / "student"
     if accelerator.is_main_process:
         best = _best_to_export(cfg, state, out)
-        if best is not None:
-            export_run(out, export_dir, checkpoint=best)
-        else:
-            export_run(out, export_dir, student=accelerator.unwrap_model(student))
+        try:
+            if best is not None:
+                export_run(out, export_dir, checkpoint=best)
+            else:
+                export_run(out, export_dir, student=accelerator.unwrap_model(student))
+        except OSError as err:  # a half-written student folder would load as a broken model
+            shutil.rmtree(export_dir, ignore_errors=True)
+            raise CheckpointError(f"export to {export_dir} failed ({errno_name(err)}); partial folder removed, checkpoints untouched; "
+                                  f"free space, then: fusion-distill export {out} {export_dir}") from None
         accelerator.print(f"student exported to {export_dir}" + (f" from the best eval checkpoint {best.name}" if best else ""))
     accelerator.end_training()
     return export_dir
@@ -237,11 +289,52 @@ def _best_to_export(cfg: RecipeConfig, state: TrainState, out: Path) -> Optional
     return out / f"{CHECKPOINT_PREFIX}{state.best_step}"
 
 
-def _any_rank(accelerator: Accelerator, flag: bool) -> bool:
-    """True on every rank when `flag` is True on one; a single process needs no collective."""
-    if accelerator.num_processes == 1:
-        return flag
-    return accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), reduction="sum").item() > 0
+def _apply_optimizer_recipe(optimizer, scheduler, t) -> None:
+    """After load_state: the recipe's learning rate and weight decay, not the checkpoint's.
+
+    The optimizer state carries its own lr and weight_decay and the scheduler its base lrs, so
+    without this a forced `training.learning_rate` change would silently do nothing. Unchanged
+    values are rewritten to what they already were. The schedule's shape (warmup, max_steps,
+    type) is rebuilt from the recipe anyway: a LambdaLR does not save its lambdas.
+    """
+    inner = getattr(scheduler, "scheduler", scheduler)
+    if not isinstance(inner, torch.optim.lr_scheduler.LambdaLR):
+        return  # transformers' schedules are all LambdaLR; another keeps the checkpoint's rates
+    inner.base_lrs = [t.learning_rate for _ in inner.base_lrs]
+    for group, fn in zip(optimizer.param_groups, inner.lr_lambdas):
+        group["initial_lr"] = t.learning_rate
+        group["lr"] = t.learning_rate * fn(inner.last_epoch)
+        group["weight_decay"] = t.weight_decay
+    inner._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def _resume_checkpoint(accelerator: Accelerator, out: Path, which: str, cfg: RecipeConfig, allow: Sequence[str]) -> Path:
+    """The checkpoint to resume from, the same on every rank, after the recipe check.
+
+    The main process verifies the checksums (hashing once, not once per rank) and sends its
+    choice, or its one-line error, to the others, so every rank resumes or fails alike.
+    """
+    found: list[Optional[str]] = [None, None]
+    if accelerator.is_main_process:
+        try:
+            found[0] = str(find_checkpoint(out, which))
+        except (OSError, ValueError) as err:
+            found[1] = str(err)
+    if accelerator.num_processes > 1:
+        broadcast_object_list(found)
+    if found[1] is not None:
+        raise CheckpointError(found[1])
+    checkpoint = Path(found[0])
+    safe, forced = check_resume_recipe(checkpoint, cfg, accelerator.num_processes, allow)
+    if safe:
+        accelerator.print(f"resuming with changed {describe_changes(safe)} (safe: same weights and batches)")
+    if forced:
+        accelerator.print(f"resuming with FORCED changes {describe_changes(forced)}: this run no longer follows one recipe "
+                          "and is not reproducible from recipe.yaml (see resume_log.jsonl)")
+    if accelerator.is_main_process and (safe or forced):
+        with open(out / "resume_log.jsonl", "a") as f:  # the run's history of recipe changes
+            f.write(json.dumps({"checkpoint": checkpoint.name, "safe": safe, "forced": forced}, default=str) + "\n")
+    return checkpoint
 
 
 def _stream_on_device(accelerator: Accelerator, batches: Iterable[dict]) -> Iterator[dict]:
@@ -253,14 +346,15 @@ def _stream_on_device(accelerator: Accelerator, batches: Iterable[dict]) -> Iter
     iterator = iter(batches)
     while True:
         batch = next(iterator, None)
-        if _any_rank(accelerator, batch is None):
+        if any_rank(accelerator, batch is None):
             return
         yield send_to_device(batch, accelerator.device)
 
 
 def _log(accelerator: Accelerator, state: TrainState, loss, parts: dict, scheduler, speed: float, out: Path) -> None:
     loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
-    record = {"step": state.step, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "audio_s_per_s": speed}
+    record = {"step": state.step, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "audio_s_per_s": speed,
+              "nonfinite_steps": state.nonfinite_steps}
     record.update({key: accelerator.reduce(v, reduction="mean").item() for key, v in parts.items()})
     accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=state.step)
     if accelerator.is_main_process:
