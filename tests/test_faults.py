@@ -393,3 +393,57 @@ def test_sigterm_to_one_of_two_ranks_stops_both_and_resume_equals_uninterrupted(
                              capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert _max_diff(_weights(tmp_path / "full" / "checkpoint-6"), _weights(run / "checkpoint-6")) <= 1e-6
+
+
+def test_stop_signals_record_the_first_and_ignore_a_forwarded_repeat(tiny):
+    from distill.faults import EXIT_CODES, StepHealth, StopSignals
+
+    accelerator = tiny[0]
+    with StopSignals() as signals:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # a launcher forwarding it: still one request, no exit
+        health = StepHealth.agree(accelerator, signals.received, False, torch.tensor(1.0), {"l1/0": False})
+    assert signals.received == signal.SIGINT and health.signal == signal.SIGINT and health.finite
+    assert EXIT_CODES[health.signal] == 130
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored on exit
+    bad = StepHealth.agree(accelerator, None, True, torch.tensor(float("inf")), {"l1/0": True, "cos/0": False})
+    assert (bad.signal, bad.loss_ok, bad.grad_ok, bad.bad_parts) == (None, False, False, ["l1/0"])
+
+
+_TWO_SIGNALS = """
+import os, signal, time
+from distill.faults import StopSignals
+with StopSignals():
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(1.5)
+    os.kill(os.getpid(), signal.SIGTERM)  # a second request, not a forwarded copy: exit at once
+    time.sleep(30)
+"""
+
+
+def test_a_second_signal_exits_at_once():
+    started = time.time()
+    result = _cli(prefix=("-c", _TWO_SIGNALS), timeout=60)
+    assert result.returncode == 143 and time.time() - started < 25
+    assert "second SIGTERM: exiting now without a checkpoint" in result.stderr
+
+
+@pytest.mark.slow
+def test_cache_targets_killed_by_sigterm_resumes_where_it_stopped(tmp_path):
+    cache = tmp_path / "cache"
+    args = [sys.executable, "-m", "distill", "cache-targets", "demo", "--out", str(cache), "--shard-size", "4", *FAST]
+    proc = subprocess.Popen(args, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, manifest = time.time() + 240, cache / "manifest.json"
+    while not (manifest.exists() and len(json.loads(manifest.read_text())["shards"]) >= 2):
+        assert proc.poll() is None and time.time() < deadline, "cache-targets ended before its second shard"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    done = {e["file"]: (cache / e["file"]).stat().st_mtime_ns for e in json.loads(manifest.read_text())["shards"]}
+    assert not json.loads(manifest.read_text()).get("complete")
+
+    again = _cli("cache-targets", "demo", "--out", cache, "--shard-size", "4", *FAST)
+    assert again.returncode == 0, again.stderr[-3000:]
+    final = json.loads(manifest.read_text())
+    assert final["complete"] and len(final["shards"]) == 8  # 32 demo utterances in shards of 4
+    assert all((cache / name).stat().st_mtime_ns == mtime for name, mtime in done.items())  # not redone
