@@ -52,7 +52,8 @@ def run(cfg: BenchmarkConfig, out: Path, cache_dir: Path, finetune: bool = True,
 
     sources = {"fused": [folders["content"], folders["speaker"]], "content": [folders["content"]], "speaker": [folders["speaker"]]}
     recipes = {n: write_recipe(recipe(cfg, corpus, sources[n], out / "runs" / n), out / "recipes" / f"{n}.yaml") for n in TEACHERS}
-    students = {n: distil(recipes[n], out / "runs" / n) for n in TEACHERS}
+    targets = {n: out / "targets" / n if cfg.distill.cache_targets else None for n in TEACHERS}
+    students = {n: distil(recipes[n], out / "runs" / n, targets[n]) for n in TEACHERS}
     lap("distil")
     supervised_dir = None
     if supervised:
@@ -101,7 +102,7 @@ def run(cfg: BenchmarkConfig, out: Path, cache_dir: Path, finetune: bool = True,
     for line in lines:
         print(line)
     if sweep:
-        run_sweep(cfg, out, corpus, sources, result, data)
+        run_sweep(cfg, out, corpus, sources, targets, result, data)
         logger.info("wrote %s, sweep.md and sweep_size.png / sweep_steps.png", out / "sweep.json")
     return result
 

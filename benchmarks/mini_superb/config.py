@@ -94,6 +94,7 @@ class DistillSection:
     crop_seconds: float = 3.0
     learning_rate: float = 1e-3
     warmup_steps: int = 100
+    cache_targets: bool = True  # teacher once over the corpus (cache-targets), not every step
     eval_steps: Optional[int] = None  # training.eval_steps: held-out eval, best checkpoint, convergence line
 
 

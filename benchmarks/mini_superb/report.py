@@ -19,6 +19,16 @@ def mean_value(row: dict) -> float:
     return sum(values) / len(values)
 
 
+def retention_of(student: dict, teacher: dict) -> float | None:
+    """Student value / teacher value; None when the teacher scores (almost) nothing on the task,
+    where a ratio would say nothing."""
+    return student["value"] / teacher["value"] if teacher["value"] >= 0.01 else None
+
+
+def percent(ratio: float | None) -> str:
+    return "n/a" if ratio is None else f"{ratio:.0%}"
+
+
 def criteria(rows: list[dict]) -> tuple[dict[str, bool], list[str], dict[str, float]]:
     """(a) fused teacher beats every upstream on the mean; (b) the fused student keeps >= 90% of
     the fused teacher on every task (error rates as 1 - PER); (c) the fused student beats every
@@ -27,10 +37,10 @@ def criteria(rows: list[dict]) -> tuple[dict[str, bool], list[str], dict[str, fl
     fused, student = by_name[FUSED], by_name["student of fused teacher"]
     upstreams = [r for r in rows if r["group"] == "upstream"]
     singles = [r for r in rows if r["group"] == "student" and r["name"] != student["name"]]
-    retention = {task: student["tasks"][task]["value"] / max(fused["tasks"][task]["value"], 1e-9) for task in fused["tasks"]}
+    retention = {task: retention_of(student["tasks"][task], fused["tasks"][task]) for task in fused["tasks"]}
     verdict = {
         "a": all(mean_value(fused) > mean_value(u) for u in upstreams),
-        "b": all(r >= RETENTION for r in retention.values()),
+        "b": all(r is not None and r >= RETENTION for r in retention.values()),
         "c": all(mean_value(student) > mean_value(s) for s in singles),
     }
     best_up = max(upstreams, key=mean_value)
@@ -39,7 +49,7 @@ def criteria(rows: list[dict]) -> tuple[dict[str, bool], list[str], dict[str, fl
         f"{'PASS' if verdict['a'] else 'FAIL'} (a) fused teacher mean {mean_value(fused):.3f} vs best upstream "
         f"{mean_value(best_up):.3f} ({best_up['name']})",
         f"{'PASS' if verdict['b'] else 'FAIL'} (b) fused student keeps "
-        + ", ".join(f"{SHORT.get(t, t)} {r:.0%}" for t, r in retention.items()) + f" of the fused teacher (>= {RETENTION:.0%} each)",
+        + ", ".join(f"{SHORT.get(t, t)} {percent(r)}" for t, r in retention.items()) + f" of the fused teacher (>= {RETENTION:.0%} each)",
         f"{'PASS' if verdict['c'] else 'FAIL'} (c) fused student mean {mean_value(student):.3f} vs best single-teacher "
         f"student {mean_value(best_single):.3f} ({best_single['name']})",
     ]

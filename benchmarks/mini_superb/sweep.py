@@ -17,7 +17,7 @@ from typing import Any
 
 from .config import BenchmarkConfig
 from .recipes import recipe, write_recipe
-from .report import FUSED, SHORT, mean_value
+from .report import FUSED, SHORT, mean_value, percent, retention_of
 from .stages import distil, latency, probe, student_extractor
 
 logger = logging.getLogger(__name__)
@@ -34,7 +34,8 @@ def points(cfg: BenchmarkConfig) -> list[tuple[str, BenchmarkConfig]]:
     return out
 
 
-def run_sweep(cfg: BenchmarkConfig, out: Path, corpus: Path, sources: dict[str, list[Path]], main: dict, data: tuple) -> dict:
+def run_sweep(cfg: BenchmarkConfig, out: Path, corpus: Path, sources: dict[str, list[Path]], targets: dict[str, Path | None],
+              main: dict, data: tuple) -> dict:
     """Distil and probe every sweep point; write sweep.json, sweep.md and two PNGs."""
     fused = next(r for r in main["rows"] if r["name"] == FUSED)
     entries = []
@@ -44,7 +45,7 @@ def run_sweep(cfg: BenchmarkConfig, out: Path, corpus: Path, sources: dict[str, 
         for tag, point_cfg in points(cfg):
             run_dir = out / "sweep" / f"{teacher}-{tag}"
             body = recipe(point_cfg, corpus, sources[teacher], run_dir)
-            folder = distil(write_recipe(body, out / "sweep" / "recipes" / f"{teacher}-{tag}.yaml"), run_dir)
+            folder = distil(write_recipe(body, out / "sweep" / "recipes" / f"{teacher}-{tag}.yaml"), run_dir, targets[teacher])
             extract, model = student_extractor(folder)
             tasks = probe(f"{teacher} {tag}", extract, "weighted_sum", data, point_cfg)
             cost = next(iter(latency({tag: ("student", model)}, repeats=3).values()))
@@ -57,10 +58,10 @@ def run_sweep(cfg: BenchmarkConfig, out: Path, corpus: Path, sources: dict[str, 
 
 
 def _entry(teacher: str, tag: str, cfg: BenchmarkConfig, tasks: dict, params: int, latency_ms: float, fused: dict) -> dict:
-    retention = {t: tasks[t]["value"] / max(fused["tasks"][t]["value"], 1e-9) for t in tasks}
+    retention = {t: retention_of(tasks[t], fused["tasks"][t]) for t in tasks}
     return {"teacher": teacher, "point": tag, "steps": cfg.distill.steps, "student": dataclasses.asdict(cfg.student),
             "params": params, "latency_ms": latency_ms, "tasks": tasks, "retention": retention,
-            "mean_value": mean_value({"tasks": tasks}), "min_retention": min(retention.values())}
+            "mean_value": mean_value({"tasks": tasks})}
 
 
 def sweep_markdown(entries: list[dict[str, Any]]) -> str:
@@ -69,7 +70,7 @@ def sweep_markdown(entries: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for e in sorted(entries, key=lambda e: (e["teacher"], e["params"], e["steps"])):
         lines.append("| " + " | ".join([e["teacher"], e["point"], str(e["steps"]), f"{e['params'] / 1e6:.2f}",
-                                        f"{e['latency_ms']:.0f}", *[f"{e['retention'][t]:.0%}" for t in tasks],
+                                        f"{e['latency_ms']:.0f}", *[percent(e["retention"][t]) for t in tasks],
                                         f"{e['mean_value']:.3f}"]) + " |")
     return "Retention = student score / fused-teacher score, per task.\n\n" + "\n".join(lines) + "\n"
 
@@ -87,7 +88,10 @@ def _plot(entries: list[dict], out: Path) -> None:
             ax = fig.add_subplot(1, len(tasks), i + 1)
             for teacher in sorted({e["teacher"] for e in entries}):
                 pts = sorted((e[key] / (1e6 if key == "params" else 1), e["retention"][task]) for e in entries
-                             if e["teacher"] == teacher and (e["point"] == "default" or e["point"].startswith(axis)))
+                             if e["teacher"] == teacher and e["retention"][task] is not None
+                             and (e["point"] == "default" or e["point"].startswith(axis)))
+                if not pts:
+                    continue
                 ax.plot(*zip(*pts), marker="o", label=f"student of {teacher}")
             ax.axhline(0.9, color="grey", linestyle=":", linewidth=1)
             ax.set_title(SHORT.get(task, task))
