@@ -106,10 +106,10 @@ def train(cfg: RecipeConfig, resume_from: str | None = None, allow_recipe_change
     check_writable(out, accelerator.process_index)  # every rank: a failure is its own one line, no rank waits
     if allow_recipe_change and not resume_from:
         raise RecipeError(f"--allow-recipe-change {','.join(allow_recipe_change)}: only applies with --resume-from")
-    # Before anything is written: a refused resume must leave the run's recipe.yaml as it was.
-    checkpoint = _resume_checkpoint(accelerator, out, resume_from, cfg, allow_recipe_change) if resume_from else None
+    # Before anything is built: a refused resume fails in seconds, not after the teacher's fit.
+    checkpoint, changes = _resume_checkpoint(accelerator, out, resume_from, cfg, allow_recipe_change) if resume_from else (None, {})
     set_seed(t.seed)
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and checkpoint is None:
         OmegaConf.save(OmegaConf.structured(cfg), out / "recipe.yaml")
 
     # --- build: data, teacher (fitted once, saved with the run), student ---
@@ -162,6 +162,11 @@ def train(cfg: RecipeConfig, resume_from: str | None = None, allow_recipe_change
             detail = f"{len(lines) - 1} tensor(s) differ, e.g. {lines[1]}" if len(lines) > 1 else lines[0]
             raise CheckpointError(f"{checkpoint}: cannot be loaded into this recipe's student: {detail}") from None
         _apply_optimizer_recipe(optimizer, scheduler, t)
+        if accelerator.is_main_process:  # only now: a resume that failed leaves the run's recipe as it was
+            OmegaConf.save(OmegaConf.structured(cfg), out / "recipe.yaml")
+            if changes:
+                with open(out / "resume_log.jsonl", "a") as f:  # the run's history of recipe changes
+                    f.write(json.dumps({"checkpoint": checkpoint.name, "step": state.step, **changes}, default=str) + "\n")
         accelerator.print(f"resumed from {checkpoint} at step {state.step}")
         if evaluator is not None:
             evaluator.forget_after(accelerator, state.step)
@@ -308,8 +313,9 @@ def _apply_optimizer_recipe(optimizer, scheduler, t) -> None:
     inner._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
-def _resume_checkpoint(accelerator: Accelerator, out: Path, which: str, cfg: RecipeConfig, allow: Sequence[str]) -> Path:
-    """The checkpoint to resume from, the same on every rank, after the recipe check.
+def _resume_checkpoint(accelerator: Accelerator, out: Path, which: str, cfg: RecipeConfig, allow: Sequence[str]) -> tuple[Path, dict]:
+    """The checkpoint to resume from, the same on every rank, after the recipe check, and the
+    accepted changes ({"safe": ..., "forced": ...}, empty when none).
 
     The main process verifies the checksums (hashing once, not once per rank) and sends its
     choice, or its one-line error, to the others, so every rank resumes or fails alike.
@@ -331,10 +337,7 @@ def _resume_checkpoint(accelerator: Accelerator, out: Path, which: str, cfg: Rec
     if forced:
         accelerator.print(f"resuming with FORCED changes {describe_changes(forced)}: this run no longer follows one recipe "
                           "and is not reproducible from recipe.yaml (see resume_log.jsonl)")
-    if accelerator.is_main_process and (safe or forced):
-        with open(out / "resume_log.jsonl", "a") as f:  # the run's history of recipe changes
-            f.write(json.dumps({"checkpoint": checkpoint.name, "safe": safe, "forced": forced}, default=str) + "\n")
-    return checkpoint
+    return checkpoint, ({"safe": safe, "forced": forced} if safe or forced else {})
 
 
 def _stream_on_device(accelerator: Accelerator, batches: Iterable[dict]) -> Iterator[dict]:

@@ -447,3 +447,15 @@ def test_cache_targets_killed_by_sigterm_resumes_where_it_stopped(tmp_path):
     final = json.loads(manifest.read_text())
     assert final["complete"] and len(final["shards"]) == 8  # 32 demo utterances in shards of 4
     assert all((cache / name).stat().st_mtime_ns == mtime for name, mtime in done.items())  # not redone
+
+
+@pytest.mark.slow
+def test_a_forced_student_change_that_cannot_load_is_one_line_and_changes_nothing(reference, tmp_path):
+    full, args = reference
+    run = tmp_path / "run"
+    shutil.copytree(full, run)
+    recipe = (run / "recipe.yaml").read_text()
+    line = _one_error(_cli(*args, "--output-dir", run, "student.hidden_size=64", "--resume-from", "latest",
+                           "--allow-recipe-change", "student.hidden_size"))
+    assert "checkpoint-6: cannot be loaded into this recipe's student:" in line and "tensor(s) differ" in line
+    assert (run / "recipe.yaml").read_text() == recipe and not (run / "resume_log.jsonl").exists()
