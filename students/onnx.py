@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -93,16 +95,37 @@ def export_onnx(encoder: PreTrainedModel, path: str | Path) -> Path:
     # >= one receptive field (400 samples) gives >= 1 frame; the upper bound is only a guard.
     time = torch.export.Dim("samples", min=400, max=_SAMPLING_RATE * 3600)
     try:
-        program = torch.onnx.export(
-            _AllOutputs(encoder).eval(), (example, mask), dynamo=True, opset_version=_OPSET,
-            input_names=list(INPUT_NAMES), output_names=onnx_output_names(encoder.config.num_hidden_layers),
-            dynamic_shapes={"input_values": {0: batch, 1: time}, "attention_mask": {0: batch, 1: time}},
-            verbose=False,
-        )
-        program.save(str(path))
+        with _quiet_exporter():
+            program = torch.onnx.export(
+                _AllOutputs(encoder).eval(), (example, mask), dynamo=True, opset_version=_OPSET,
+                input_names=list(INPUT_NAMES), output_names=onnx_output_names(encoder.config.num_hidden_layers),
+                dynamic_shapes={"input_values": {0: batch, 1: time}, "attention_mask": {0: batch, 1: time}},
+                verbose=False,
+            )
+            program.save(str(path))
     finally:
         encoder.to(dtype).train(was_training)
     return path
+
+
+@contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Silence the exporter's chatter for known-harmless cases (torchvision ops not registered,
+    merged dynamic-axis names, empty attribute lists): a user of `export --onnx` should see the
+    parity line, not a page of internals. Errors still raise."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnx_ir", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
 
 
 def quantize_int8(fp32_path: str | Path, int8_path: str | Path) -> Path:
