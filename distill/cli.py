@@ -1,7 +1,9 @@
 """`fusion-distill` / `python -m distill`: one subcommand per stage.
 
     fusion-distill inspect-teacher RECIPE
-    fusion-distill cache-targets RECIPE --out DIR [--split SPLIT] [--teacher DIR] [--shard-size N] [key=value ...]
+    fusion-distill cache-targets RECIPE --out DIR [--split SPLIT] [--teacher DIR] [--shard-size N] [--dtype float16|int8] [key=value ...]
+      (accelerate launch --num_processes N -m distill cache-targets ...: N processes share the shards)
+    fusion-distill verify-cache DIR
     fusion-distill fit-teacher RECIPE --out DIR [--task ctc|classification] [--column C] [--max-items N] [--device D]
     fusion-distill train RECIPE [--output-dir DIR] [--resume-from latest|DIR [--allow-recipe-change KEY[,KEY]]] [key=value ...]
     fusion-distill evaluate (RUN_DIR | STUDENT_DIR) [--teacher DIR] [--data DATA] [--no-probe] [--no-cost]
@@ -78,12 +80,24 @@ def _cmd_cache_targets(args: argparse.Namespace) -> None:
 
     cfg = load_recipe(args.recipe, args.overrides)
     teacher = FusedTeacher.from_pretrained(args.teacher) if args.teacher else None
-    folder = cache_targets(cfg, args.out, shard_size=args.shard_size, teacher=teacher, batch_size=args.batch_size, split=args.split)
+    folder = cache_targets(cfg, args.out, shard_size=args.shard_size, teacher=teacher, batch_size=args.batch_size,
+                           split=args.split, dtype=args.dtype)
+    if not _is_main_process():  # under accelerate launch every rank returns here; one prints
+        return
     if args.split and args.split != cfg.data.train_split_name:
         print(f"{args.split} targets cached in {folder}\nevaluate on them while training: fusion-distill train {args.recipe} "
               f"data.eval_split_name={args.split} data.eval_targets_cache={folder} training.eval_steps=N")
     else:
         print(f"targets cached in {folder}\ntrain from them: fusion-distill train {args.recipe} data.targets_cache={folder}")
+
+
+def _cmd_verify_cache(args: argparse.Namespace) -> None:
+    from .cache import TargetCache
+
+    cache = TargetCache.open(args.cache)
+    size = cache.verify(progress=True)
+    print(f"{args.cache}: {len(cache.manifest['shards'])} shards, {size / 1e9:.2f} GB, {len(cache)} utterances "
+          f"({cache.dtype}): every sha256 matches the manifest")
 
 
 def _cmd_fit_teacher(args: argparse.Namespace) -> None:
@@ -150,7 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="utterances per teacher forward")
     p.add_argument("--split", help="split to cache (default: data.train_split_name); the eval split feeds data.eval_targets_cache")
     p.add_argument("--teacher", help="a saved fused teacher to use (e.g. the train cache's teacher/), so both caches share it")
+    p.add_argument("--dtype", choices=("float16", "int8"),
+                   help="target storage (default: data.targets_cache_dtype); int8 = per-frame absmax scale, about half the disk")
     p.set_defaults(func=_cmd_cache_targets)
+
+    p = sub.add_parser("verify-cache", help="hash every shard of a target cache against its manifest")
+    p.add_argument("cache", help="a cache-targets folder")
+    p.set_defaults(func=_cmd_verify_cache)
 
     p = sub.add_parser("fit-teacher", help="fit projection + interface on labels with frozen upstreams")
     p.add_argument("recipe")

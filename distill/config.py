@@ -87,6 +87,10 @@ class DataConfig:
     bucket_size: int = 64  # utterances per length bucket (streaming: shuffle buffer)
     dataloader_num_workers: int = 0
     targets_cache: Optional[str] = None  # folder written by `cache-targets`
+    # Storage of targets written by `cache-targets` (its --dtype overrides): float16, or int8 with a
+    # float16 absmax scale per frame vector: D + 2 bytes a frame vector instead of 2 D, i.e. about
+    # half the disk (README: measured size and error vs float16). Reading takes either.
+    targets_cache_dtype: str = "float16"
     # `cache-targets --split EVAL_SPLIT` folder: eval targets for training.eval_steps read from
     # disk (large eval sets); without it the teacher computes them once per run and keeps them in RAM.
     eval_targets_cache: Optional[str] = None

@@ -120,8 +120,8 @@ def train(cfg: RecipeConfig, resume_from: str | None = None, allow_recipe_change
         train_set = split_dataset_by_node(train_set, rank=accelerator.process_index, world_size=accelerator.num_processes)
     if cfg.data.targets_cache:  # targets precomputed by `cache-targets`: no teacher forward
         TargetCache.check_data(cfg.data)  # cached targets are keyed by map-style row ids
-        with accelerator.main_process_first():  # rank 0 hashes every shard; the others open after it
-            cache = TargetCache.open(cfg.data.targets_cache, layer_ids=cfg.teacher.target_layers, verify=accelerator.is_main_process)
+        # Sizes now; each rank hashes a shard the first time it reads from it (no idle start on a large cache).
+        cache = TargetCache.open(cfg.data.targets_cache, layer_ids=cfg.teacher.target_layers, verify=True)
         cache.check_recipe(cfg.teacher)
         if accelerator.is_main_process:
             shutil.copytree(cache.teacher_dir, out / "teacher", dirs_exist_ok=True)

@@ -132,8 +132,8 @@ def build_eval_set(
 
 def _eval_targets(cfg, accelerator, share, frames, teacher, train_cache) -> list[torch.Tensor]:
     if cfg.data.eval_targets_cache:
-        with accelerator.main_process_first():  # rank 0 hashes every shard; the others open after it
-            return _cached_targets(cfg, share, frames, teacher, train_cache, verify=accelerator.is_main_process)
+        # Every rank hashes the shards it reads, at their first read (TargetCache.open checks sizes only).
+        return _cached_targets(cfg, share, frames, teacher, train_cache, verify=True)
     if teacher is None:  # training from a cache: its saved teacher runs once over the eval crops
         logger.info("eval targets: running the cache's teacher once (cache-targets --split %s avoids it)", cfg.data.eval_split_name)
         teacher = FusedTeacher.from_pretrained(train_cache.teacher_dir).to(accelerator.device).eval()

@@ -229,11 +229,20 @@ def _one_line_error(match: str, fn, *args, **kwargs) -> str:
 
 
 def test_corrupted_shard_is_a_one_line_error_naming_it(cached, tmp_path):
+    """Opening checks sizes only; the flipped byte is found at the shard's first read, and by verify()."""
     copy = _copy(cached[1], tmp_path)
     _flip_last_byte(copy / "shard-00001.safetensors")
-    message = _one_line_error("checksum mismatch", TargetCache.open, copy)
+    cache = TargetCache.open(copy)
+    assert cache.targets("a").shape == (3, FRAMES["a"], 64)  # shard 0 is intact and reads
+    message = _one_line_error("checksum mismatch", cache.targets, "c")  # c lives in shard 1
     assert message.startswith(f"cache {copy}: shard-00001.safetensors checksum mismatch (expected ")
     assert message.endswith("rerun cache-targets")
+    message = _one_line_error("checksum mismatch", TargetCache.open(copy).verify)
+    assert message.startswith(f"cache {copy}: shard-00001.safetensors checksum mismatch")
+    with open(copy / "shard-00002.safetensors", "ab") as f:
+        f.write(b"x")  # a size change is caught at open, before any read
+    message = _one_line_error("bytes, the manifest says", TargetCache.open, copy)
+    assert message.startswith(f"cache {copy}: shard-00002.safetensors has ")
 
 
 def test_wrong_teacher_or_layers_are_one_line_errors(cached):
