@@ -225,3 +225,17 @@ def test_training_stops_at_the_first_read_of_a_corrupted_shard(corpus, one_proce
     with pytest.raises(CacheError, match=r"shard-00001\.safetensors checksum mismatch") as err:
         train(cfg)
     assert "\n" not in str(err.value)
+
+
+def test_storage_benchmark_quick_runs(capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cache_scale", ROOT / "benchmarks" / "cache_scale.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--quick"])
+    assert "size at K=3, D=768" in capsys.readouterr().out
+    # D + 2 bytes a frame vector instead of 2 D: 770 / 1536 of float16, plus shard headers.
+    assert 0.49 < result["gb_per_hour"]["int8"] / result["gb_per_hour"]["float16"] < 0.52
+    assert result["gb_per_hour"]["int8"] <= 0.45  # the goal
+    assert result["int8_vs_fp16_demo_d64"]["cosine_min"] >= 0.999
