@@ -55,7 +55,7 @@ def run(tmp_path_factory):
     # The trainer's own save path (Accelerate save_state + completion marker), on the CPU.
     accelerator = Accelerator(cpu=True)
     prepared = accelerator.prepare(student)
-    save_checkpoint(accelerator, out, 1, None, cfg)
+    save_checkpoint(accelerator, out, 1, None, cfg, prepared)
     export_run(out, out / "student", student=accelerator.unwrap_model(prepared))
     # Accelerate's state is a process-wide singleton: drop our cpu=True so later tests start clean
     # (the reset Accelerate's own test utilities use).
