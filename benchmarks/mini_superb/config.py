@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -155,10 +156,9 @@ QUICK_OVERRIDES = [
     "probe.steps=4", "probe.train_items=24", "probe.test_items=16",
     "finetune.steps=4", "finetune.train_items=16",
     "sweep.steps=[2]", "sweep.teachers=[fused]",
+    "sweep.sizes={xs: {hidden_size: 8, num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 16, conv_channels: 8}}",
 ]
-# Dict entries merge key by key, so the quick sweep's sizes replace the config's after merging.
-QUICK_SWEEP_SIZES = {"xs": StudentSection(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
-                                          conv_channels=8)}
+
 
 
 class BenchmarkConfigError(ValueError):
@@ -169,22 +169,31 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     path = Path(path) if path else DEFAULT_CONFIG
     if not path.exists():
         raise BenchmarkConfigError(f"benchmark config not found: {path}")
-    merged = OmegaConf.structured(BenchmarkConfig)
-    dotlist = (QUICK_OVERRIDES if quick else []) + list(overrides or [])
-    for source, layer in ((str(path), lambda: OmegaConf.load(path)), ("override", lambda: OmegaConf.from_dotlist(dotlist))):
-        try:
-            merged = OmegaConf.merge(merged, layer())
-        except OmegaConfBaseException as err:
-            key = f" {err.full_key}:" if getattr(err, "full_key", None) else ""
-            raise BenchmarkConfigError(f"{source}:{key} {str(err).splitlines()[0]}") from None
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(BenchmarkConfig), OmegaConf.load(path))
+    except OmegaConfBaseException as err:
+        raise BenchmarkConfigError(f"{path}:{_key(err)} {str(err).splitlines()[0]}") from None
+    for item in (QUICK_OVERRIDES if quick else []) + list(overrides or []):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise BenchmarkConfigError(f"override {item!r}: expected KEY=VALUE")
+        try:  # replace, not merge: `sweep.sizes={}` empties the mapping instead of keeping its keys
+            parsed = yaml.safe_load(value)
+            if isinstance(parsed, dict):  # typed mappings: empty first, then merge (validates each entry)
+                OmegaConf.update(merged, key, {}, merge=False)
+            OmegaConf.update(merged, key, parsed, merge=isinstance(parsed, dict))
+        except (OmegaConfBaseException, yaml.YAMLError) as err:
+            raise BenchmarkConfigError(f"override {item!r}:{_key(err)} {str(err).splitlines()[0]}") from None
     cfg: BenchmarkConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    if quick:
-        cfg.sweep.sizes = dict(QUICK_SWEEP_SIZES)
     if set(cfg.upstreams) != {"content", "speaker"}:
         raise BenchmarkConfigError(f"{path}: upstreams must be 'content' and 'speaker', got {sorted(cfg.upstreams)}")
     if not cfg.corpus.speakers or not cfg.corpus.styles or not cfg.corpus.languages:
         raise BenchmarkConfigError(f"{path}: corpus.speakers, corpus.styles and corpus.languages must not be empty")
     return cfg
+
+
+def _key(err: Exception) -> str:
+    return f" {err.full_key}:" if getattr(err, "full_key", None) else ""
 
 
 def config_hash(section: object) -> str:
