@@ -36,6 +36,31 @@ logger = logging.getLogger("mini_superb")
 TEACHERS = ("fused", "content", "speaker")  # student runs: the fused teacher, then each upstream alone
 
 
+def prepare(cfg: BenchmarkConfig, cache_dir: Path) -> tuple[Path, dict, dict, dict[str, list[Path]]]:
+    """The corpus and the two trained upstreams (built once, cached by config hash); the
+    upstream folders each student's teacher uses."""
+    corpus = cache_dir / f"corpus-{config_hash(cfg.corpus)}"
+    corpus_info = build_corpus(cfg.corpus, corpus)
+    folders = {n: upstream_folder(cache_dir / "upstreams", n, u, corpus_info["hash"]) for n, u in cfg.upstreams.items()}
+    reports = {n: train_upstream(n, cfg.upstreams[n], corpus, folders[n]) for n in ("content", "speaker")}
+    sources = {"fused": [folders["content"], folders["speaker"]], "content": [folders["content"]], "speaker": [folders["speaker"]]}
+    return corpus, corpus_info, reports, sources
+
+
+def target_caches(cfg: BenchmarkConfig, out: Path) -> dict[str, Path | None]:
+    return {n: out / "targets" / n if cfg.distill.cache_targets else None for n in TEACHERS}
+
+
+def sweep_only(cfg: BenchmarkConfig, out: Path, cache_dir: Path) -> dict:
+    """The sweep on top of a finished benchmark in OUT (its results.json and student runs)."""
+    results = out / "results.json"
+    if not results.exists():
+        raise SystemExit(f"--sweep-only: no {results}; run the benchmark into {out} first")
+    corpus, _, _, sources = prepare(cfg, cache_dir)
+    data = probe_data(cfg, corpus, _fused_teacher(out).min_samples)
+    return run_sweep(cfg, out, corpus, sources, target_caches(cfg, out), json.loads(results.read_text()), data)
+
+
 def run(cfg: BenchmarkConfig, out: Path, cache_dir: Path, finetune: bool = True, supervised: bool = True,
         sweep: bool = False) -> dict:
     timings, start = {}, time.perf_counter()
@@ -43,16 +68,10 @@ def run(cfg: BenchmarkConfig, out: Path, cache_dir: Path, finetune: bool = True,
     def lap(name: str) -> None:
         timings[name] = round((time.perf_counter() - start) / 60 - sum(timings.values()), 2)
 
-    corpus_info = build_corpus(cfg.corpus, cache_dir / f"corpus-{config_hash(cfg.corpus)}")
-    corpus = cache_dir / f"corpus-{config_hash(cfg.corpus)}"
-    lap("corpus")
-    folders = {n: upstream_folder(cache_dir / "upstreams", n, u, corpus_info["hash"]) for n, u in cfg.upstreams.items()}
-    upstream_reports = {n: train_upstream(n, cfg.upstreams[n], corpus, folders[n]) for n in ("content", "speaker")}
-    lap("upstreams")
-
-    sources = {"fused": [folders["content"], folders["speaker"]], "content": [folders["content"]], "speaker": [folders["speaker"]]}
+    corpus, corpus_info, upstream_reports, sources = prepare(cfg, cache_dir)
+    lap("corpus_and_upstreams")
     recipes = {n: write_recipe(recipe(cfg, corpus, sources[n], out / "runs" / n), out / "recipes" / f"{n}.yaml") for n in TEACHERS}
-    targets = {n: out / "targets" / n if cfg.distill.cache_targets else None for n in TEACHERS}
+    targets = target_caches(cfg, out)
     students = {n: distil(recipes[n], out / "runs" / n, targets[n]) for n in TEACHERS}
     lap("distil")
     supervised_dir = None
@@ -156,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny corpus and budgets: checks the pipeline, not the scores")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
     parser.add_argument("--sweep", action="store_true", help="also retention vs student size and vs steps (sweep.*)")
+    parser.add_argument("--sweep-only", action="store_true", help="only the sweep, on top of the results already in OUT")
     parser.add_argument("--threads", type=int, default=2, help="torch threads here and in every stage (1 on a busy machine)")
     parser.add_argument("--no-finetune", action="store_true")
     parser.add_argument("--no-supervised", action="store_true", help="skip the fit-teacher row")
@@ -164,8 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     cfg = load_config(args.config, args.set, quick=args.quick)
     cache_dir = args.cache_dir or args.out.parent / "mini_superb_cache"
-    result = run(cfg, args.out, cache_dir, finetune=not args.no_finetune, supervised=not args.no_supervised, sweep=args.sweep)
-    return 0 if result["rows"] else 1
+    if args.sweep_only:
+        sweep_only(cfg, args.out, cache_dir)
+        return 0
+    run(cfg, args.out, cache_dir, finetune=not args.no_finetune, supervised=not args.no_supervised, sweep=args.sweep)
+    return 0
 
 
 if __name__ == "__main__":

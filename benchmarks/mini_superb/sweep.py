@@ -38,18 +38,21 @@ def run_sweep(cfg: BenchmarkConfig, out: Path, corpus: Path, sources: dict[str, 
               main: dict, data: tuple) -> dict:
     """Distil and probe every sweep point; write sweep.json, sweep.md and two PNGs."""
     fused = next(r for r in main["rows"] if r["name"] == FUSED)
-    entries = []
+    probed, models = [], {}
     for teacher in cfg.sweep.teachers:
         main_row = next(r for r in main["rows"] if r.get("teacher") == teacher)
-        entries.append(_entry(teacher, "default", cfg, main_row["tasks"], main_row["params"], main_row["latency_ms"], fused))
+        probed.append((teacher, "default", cfg, main_row["tasks"]))
+        models[f"{teacher} default"] = ("student", student_extractor(Path(main_row["folder"]))[1])
         for tag, point_cfg in points(cfg):
             run_dir = out / "sweep" / f"{teacher}-{tag}"
             body = recipe(point_cfg, corpus, sources[teacher], run_dir)
             folder = distil(write_recipe(body, out / "sweep" / "recipes" / f"{teacher}-{tag}.yaml"), run_dir, targets[teacher])
             extract, model = student_extractor(folder)
-            tasks = probe(f"{teacher} {tag}", extract, "weighted_sum", data, point_cfg)
-            cost = next(iter(latency({tag: ("student", model)}, repeats=3).values()))
-            entries.append(_entry(teacher, tag, point_cfg, tasks, cost["params"], cost["latency_ms"], fused))
+            models[f"{teacher} {tag}"] = ("student", model)
+            probed.append((teacher, tag, point_cfg, probe(f"{teacher} {tag}", extract, "weighted_sum", data, point_cfg)))
+    costs = latency(models, repeats=5)  # every sweep student in the same interleaved rounds
+    entries = [_entry(teacher, tag, c, tasks, costs[f"{teacher} {tag}"]["params"], costs[f"{teacher} {tag}"]["latency_ms"], fused)
+               for teacher, tag, c, tasks in probed]
     result = {"reference": FUSED, "entries": entries}
     (out / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "sweep.md").write_text(sweep_markdown(entries))
