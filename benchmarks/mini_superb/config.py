@@ -120,7 +120,9 @@ class ProbeSection:
 @dataclass
 class FinetuneSection:
     steps: int = 300
-    learning_rate: float = 1e-3
+    head_only_fraction: float = 0.5  # the first half trains only the CTC head (encoder frozen)
+    head_learning_rate: float = 5e-3
+    learning_rate: float = 5e-4  # then the encoder too, decaying linearly
     batch_size: int = 8
     train_items: int = 800
 

@@ -191,25 +191,39 @@ def _inputs(features, waves: list[np.ndarray]) -> dict:
 
 
 def _finetune_loop(model, features, train, vocab, column, f, seed) -> list[float]:
+    """Two phases, as wav2vec 2.0 fine-tuning does (fairseq's `freeze_finetune_updates`): first
+    only the new CTC head learns, on the frozen encoder, so CTC leaves its all-blank phase on
+    features it cannot yet damage; then the encoder joins (the conv feature encoder stays frozen,
+    as transformers' CTC recipes do) at a lower, decaying learning rate."""
     index = {s: i + 1 for i, s in enumerate(vocab)}
-    optimizer = torch.optim.AdamW(model.parameters(), lr=f.learning_rate)
-    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=max(1, f.steps // 10), num_training_steps=f.steps)
     rng, losses = np.random.default_rng(seed), []
+    head_steps = int(f.steps * f.head_only_fraction)
+    model.freeze_feature_encoder()
     model.train()
-    for _ in range(f.steps):
-        picks = [train[i] for i in rng.choice(len(train), size=min(f.batch_size, len(train)), replace=False)]
-        waves = [b["waveforms"][0, : int(b["lengths"][0])].numpy() for b in picks]
-        ids = [[index[c] for c in b[column][0] if c in index] for b in picks]
-        labels = torch.full((len(ids), max(map(len, ids))), -100)
-        for i, seq in enumerate(ids):
-            labels[i, : len(seq)] = torch.tensor(seq)
-        loss = model(**_inputs(features, waves), labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        optimizer.step()
-        scheduler.step()
-        losses.append(float(loss.detach()))
+    for phase, steps in (("head", head_steps), ("encoder", f.steps - head_steps)):
+        trainable = model.lm_head.parameters() if phase == "head" else [p for n, p in model.named_parameters()
+                                                                          if "feature_extractor" not in n]
+        for name, p in model.named_parameters():
+            p.requires_grad = phase == "encoder" and "feature_extractor" not in name or name.startswith("lm_head")
+        trainable = [p for p in trainable if p.requires_grad]
+        lr = f.head_learning_rate if phase == "head" else f.learning_rate
+        optimizer = torch.optim.AdamW(trainable, lr=lr)
+        scheduler = get_scheduler("constant" if phase == "head" else "linear", optimizer, num_warmup_steps=0,
+                                  num_training_steps=max(steps, 1))
+        for _ in range(steps):
+            picks = [train[i] for i in rng.choice(len(train), size=min(f.batch_size, len(train)), replace=False)]
+            waves = [b["waveforms"][0, : int(b["lengths"][0])].numpy() for b in picks]
+            ids = [[index[c] for c in b[column][0] if c in index] for b in picks]
+            labels = torch.full((len(ids), max(map(len, ids))), -100)
+            for i, seq in enumerate(ids):
+                labels[i, : len(seq)] = torch.tensor(seq)
+            loss = model(**_inputs(features, waves), labels=labels).loss
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 5.0)
+            optimizer.step()
+            scheduler.step()
+            losses.append(float(loss.detach()))
     return losses
 
 
