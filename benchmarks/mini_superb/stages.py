@@ -201,11 +201,9 @@ def _finetune_loop(model, features, train, vocab, column, f, seed) -> list[float
     model.freeze_feature_encoder()
     model.train()
     for phase, steps in (("head", head_steps), ("encoder", f.steps - head_steps)):
-        trainable = model.lm_head.parameters() if phase == "head" else [p for n, p in model.named_parameters()
-                                                                          if "feature_extractor" not in n]
         for name, p in model.named_parameters():
-            p.requires_grad = phase == "encoder" and "feature_extractor" not in name or name.startswith("lm_head")
-        trainable = [p for p in trainable if p.requires_grad]
+            p.requires_grad = name.startswith("lm_head") or (phase == "encoder" and "feature_extractor" not in name)
+        trainable = [p for p in model.parameters() if p.requires_grad]
         lr = f.head_learning_rate if phase == "head" else f.learning_rate
         optimizer = torch.optim.AdamW(trainable, lr=lr)
         scheduler = get_scheduler("constant" if phase == "head" else "linear", optimizer, num_warmup_steps=0,
