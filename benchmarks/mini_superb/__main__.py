@@ -160,10 +160,13 @@ def _card_results(folder: Path, rows: list[dict], finetune: dict, cfg: Benchmark
         results.append(EvalResult(
             task_type="automatic-speech-recognition" if kind == "ctc" else "audio-classification",
             task_name=f"{column} probe (frozen encoder, weighted sum + {'linear CTC' if kind == 'ctc' else 'linear'} head)",
+            # dataset_config per task: the hub groups results by task type and dataset, which
+            # would merge the three classification tasks into one unnamed entry.
             dataset_type="mini-superb-espeak", dataset_name=f"mini SUPERB ({cfg.name}), test split",
-            metric_type=metric, metric_value=round(t["score"], 4)))
+            dataset_config=column, dataset_split="test", metric_type=metric, metric_name=f"{column} {metric}",
+            metric_value=round(t["score"], 4)))
     card.data.eval_results = results
-    card.data.model_name = folder.parent.name
+    card.data.model_name = f"mini SUPERB ({cfg.name}) student of the fused teacher"
     card.save(folder / "README.md")
 
 
