@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-__all__ = ["edit_distance", "error_rate"]
+__all__ = ["ctc_greedy", "edit_distance", "error_rate"]
 
 
 def edit_distance(reference: Sequence[Any], hypothesis: Sequence[Any]) -> int:
@@ -24,3 +24,8 @@ def error_rate(references: Sequence[Sequence[Any]], hypotheses: Sequence[Sequenc
         raise ValueError(f"error_rate: {len(references)} references vs {len(hypotheses)} hypotheses")
     errors, total = sum(edit_distance(r, h) for r, h in zip(references, hypotheses)), sum(map(len, references))
     return errors / total if total else float(errors > 0)
+
+
+def ctc_greedy(best_path: Sequence[int], blank: int = 0) -> list[int]:
+    """Greedy CTC decoding of one utterance's frame-wise best symbols: merge repeats, drop blanks."""
+    return [s for i, s in enumerate(best_path) if s != blank and (i == 0 or s != best_path[i - 1])]

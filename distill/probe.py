@@ -39,7 +39,7 @@ from students import normalize_waveforms
 from teachers import FusedTeacher, HConv, WeightedSum, frame_mask
 from teachers.upstream import _wants_normalised
 
-from .metrics import error_rate
+from .metrics import ctc_greedy, error_rate
 
 __all__ = ["ProbeTask", "ProbeResult", "Extractor", "run_probe", "run_probes", "hf_encoder_extractor",
            "onnx_extractor", "teacher_extractor", "wants_normalised", "is_missing"]
@@ -505,6 +505,5 @@ def _decode(logits: torch.Tensor, lengths: torch.Tensor, task: ProbeTask) -> lis
         return logits.argmax(-1).tolist()
     best, decoded = logits.argmax(-1).cpu(), []
     for b, n in enumerate(lengths.tolist()):
-        ids = torch.unique_consecutive(best[b, :n]).tolist()  # greedy CTC: merge repeats, drop blanks
-        decoded.append([task.vocab[i - 1] for i in ids if i != 0])
+        decoded.append([task.vocab[i - 1] for i in ctc_greedy(best[b, :n].tolist())])
     return decoded

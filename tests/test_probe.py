@@ -11,7 +11,7 @@ from conftest import make_wave
 from distill.config import DataConfig
 from distill.data import load_audio_dataset, make_eval_batches
 from distill.build import single_upstream_teacher, upstream_names
-from distill.metrics import edit_distance, error_rate
+from distill.metrics import ctc_greedy, edit_distance, error_rate
 from distill.probe import ProbeResult, ProbeTask, hf_encoder_extractor, run_probe, teacher_extractor, wants_normalised
 from teachers import FusedTeacher, load_upstream, wav2vec_num_frames
 
@@ -32,6 +32,16 @@ DEMO = Path(__file__).resolve().parents[1] / "data" / "demo"
 def test_edit_distance_hand_examples(ref, hyp, expected):
     assert edit_distance(ref, hyp) == expected
     assert edit_distance(hyp, ref) == expected  # symmetric for unit costs
+
+
+@pytest.mark.parametrize(
+    "path, expected",
+    [([0, 3, 3, 0, 3, 1, 1, 0], [3, 3, 1]), ([0, 0, 0], []), ([2, 2, 2], [2]), ([1, 0, 1, 2, 2], [1, 1, 2])],
+)
+def test_ctc_greedy_merges_repeats_then_drops_blanks(path, expected):
+    assert ctc_greedy(path) == expected
+    # The same as torch's merge-then-filter.
+    assert [i for i in torch.unique_consecutive(torch.tensor(path)).tolist() if i != 0] == expected
 
 
 def test_error_rate_is_corpus_level():

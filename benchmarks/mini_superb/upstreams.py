@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, Wav2Vec2FeatureExtractor, get_scheduler
 
-from distill.metrics import error_rate
+from distill.metrics import ctc_greedy, error_rate
 
 from .config import UpstreamConfig, config_hash
 
@@ -182,6 +182,6 @@ def _score(encoder, heads, kind, column, vocab, rows: list[dict]) -> float:
             hits += vocab[int(heads.main(hidden.mean(1)).argmax())] == r[column]
             continue
         best = heads.main(hidden[0]).argmax(-1).tolist()
-        hyps.append([s - 1 for i, s in enumerate(best) if s != 0 and (i == 0 or s != best[i - 1])])
+        hyps.append([s - 1 for s in ctc_greedy(best)])
         refs.append([vocab.index(c) for c in r[column] if c in vocab])
     return hits / len(rows) if kind == "classification" else error_rate(refs, hyps)
