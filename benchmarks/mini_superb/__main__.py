@@ -29,7 +29,7 @@ from .corpus import build_corpus
 from .recipes import recipe, write_recipe
 from .report import criteria, markdown, mean_value, plot
 from .sweep import run_sweep
-from .stages import distil, finetune_ctc, training_summary, fit_supervised, latency, probe, probe_data, student_extractor, teacher_rows
+from .stages import distil, finetune_ctc, finetune_data, training_summary, fit_supervised, latency, probe, probe_data, student_extractor, teacher_rows
 from .upstreams import train_upstream, upstream_folder
 
 logger = logging.getLogger("mini_superb")
@@ -81,8 +81,8 @@ def run(cfg: BenchmarkConfig, out: Path, cache_dir: Path, finetune: bool = True,
         lap("fit_teacher")
 
     rows, costed = [], {}
-    views = teacher_rows(out / "runs" / "fused", supervised_dir)
     fused_teacher = _fused_teacher(out)
+    views = teacher_rows(fused_teacher, supervised_dir)
     data = probe_data(cfg, corpus, fused_teacher.min_samples)
     for name, group, interface, extract, module in views:
         rows.append({"name": name, "group": group, "interface": interface, "tasks": probe(name, extract, interface, data, cfg)})
@@ -108,11 +108,11 @@ def run(cfg: BenchmarkConfig, out: Path, cache_dir: Path, finetune: bool = True,
     if finetune:
         singles = [r for r in rows if r["group"] == "student" and r["name"] != "student of fused teacher"]
         best = max(singles, key=mean_value)
-        init = Path(students["fused"])
+        init, ft_data = Path(students["fused"]), finetune_data(cfg, corpus)
         result["finetune"] = {
-            "student of fused teacher": finetune_ctc(students["fused"], init, corpus, cfg),
-            best["name"]: finetune_ctc(Path(best["folder"]), init, corpus, cfg),
-            "same architecture, random init": finetune_ctc(None, init, corpus, cfg),
+            "student of fused teacher": finetune_ctc(students["fused"], init, ft_data, cfg),
+            best["name"]: finetune_ctc(Path(best["folder"]), init, ft_data, cfg),
+            "same architecture, random init": finetune_ctc(None, init, ft_data, cfg),
         }
         lap("finetune")
     result["timings_min"] = timings

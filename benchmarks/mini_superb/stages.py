@@ -26,7 +26,7 @@ from distill.build import single_upstream_teacher
 from distill.config import DataConfig
 from distill.cost import audio_encoder_job, fused_teacher_job, measure_jobs, student_job
 from distill.data import load_audio_dataset, make_eval_batches
-from distill.metrics import edit_distance
+from distill.metrics import ctc_greedy, error_rate
 from distill.probe import ProbeTask, hf_encoder_extractor, run_probes, teacher_extractor
 from distill.validation import read_eval_log
 from teachers import FusedTeacher
@@ -99,12 +99,16 @@ def fit_supervised(recipe: Path, out: Path, steps: int, max_items: int) -> Path:
 
 
 # ----------------------------------------------------------------------------- probes
+def corpus_data_config(cfg: BenchmarkConfig, corpus: Path) -> DataConfig:
+    """The corpus as the data layer reads it; every label is an extra column under its own name."""
+    return DataConfig(dataset_name=str(corpus), text_column_name=None, label_column_name=None,
+                      min_duration_in_seconds=cfg.corpus.min_seconds, max_duration_in_seconds=cfg.corpus.max_seconds)
+
+
 def probe_data(cfg: BenchmarkConfig, corpus: Path, min_samples: int) -> tuple[list[dict], list[dict], list[ProbeTask]]:
     """Materialised train/test batches (every model sees the same ones) and the tasks."""
     columns = [t.partition(":")[2] for t in cfg.tasks]
-    data = DataConfig(dataset_name=str(corpus), text_column_name=None, label_column_name=None,
-                      min_duration_in_seconds=cfg.corpus.min_seconds, max_duration_in_seconds=cfg.corpus.max_seconds)
-    p = cfg.probe
+    data, p = corpus_data_config(cfg, corpus), cfg.probe
     train = list(make_eval_batches(load_audio_dataset(data, "train", columns=columns), data, p.batch_size,
                                    p.train_items, min_samples))
     test = list(make_eval_batches(load_audio_dataset(data, "test", columns=columns), data, p.batch_size,
@@ -134,9 +138,8 @@ def _with_error(result: dict) -> dict:
     return {**result, "value": value, "stderr": math.sqrt(max(value * (1 - value), 0.0) / n)}
 
 
-def teacher_rows(fused_run: Path, supervised: Path | None) -> list[tuple[str, str, str, Callable, Any]]:
+def teacher_rows(teacher: FusedTeacher, supervised: Path | None) -> list[tuple[str, str, str, Callable, Any]]:
     """(row name, group, interface, extractor, costed module) for every upstream and fused view."""
-    teacher = FusedTeacher.from_pretrained(fused_run / "teacher")
     rows = []
     for i, name in enumerate(["content", "speaker"]):
         single = single_upstream_teacher(teacher, i)
@@ -161,15 +164,21 @@ def student_extractor(folder: Path) -> tuple[Callable, torch.nn.Module]:
 
 
 # ----------------------------------------------------------------------------- drop-in fine-tuning
-def finetune_ctc(folder: Path | None, init_config: Path, corpus: Path, cfg: BenchmarkConfig, seed: int = 0) -> dict:
-    """Fine-tune `AutoModelForCTC` end to end on phonemes; test PER. folder=None: the same
-    architecture (config of `init_config`) from random init, the no-distillation baseline."""
-    f, column = cfg.finetune, "phonemes"
-    data = DataConfig(dataset_name=str(corpus), text_column_name=None, label_column_name=None,
-                      min_duration_in_seconds=cfg.corpus.min_seconds, max_duration_in_seconds=cfg.corpus.max_seconds)
-    train = list(make_eval_batches(load_audio_dataset(data, "train", columns=[column]), data, 1, f.train_items))
+def finetune_data(cfg: BenchmarkConfig, corpus: Path, column: str = "phonemes") -> tuple[list[dict], list[dict], list[str]]:
+    """Single-utterance train/test batches and the CTC vocabulary, read once for every fine-tune."""
+    data = corpus_data_config(cfg, corpus)
+    train = list(make_eval_batches(load_audio_dataset(data, "train", columns=[column]), data, 1, cfg.finetune.train_items))
     test = list(make_eval_batches(load_audio_dataset(data, "test", columns=[column]), data, 1, cfg.probe.test_items))
-    vocab = sorted({ch for b in train for ch in b[column][0]})
+    return train, test, sorted({ch for b in train for ch in b[column][0]})
+
+
+def finetune_ctc(folder: Path | None, init_config: Path, data: tuple[list[dict], list[dict], list[str]],
+                 cfg: BenchmarkConfig, seed: int = 0) -> dict:
+    """Fine-tune `AutoModelForCTC` end to end on phonemes (`data` from finetune_data); test PER.
+    folder=None: the same architecture (config of `init_config`) from random init, the
+    no-distillation baseline."""
+    f, column = cfg.finetune, "phonemes"
+    train, test, vocab = data
     kwargs = dict(vocab_size=len(vocab) + 1, pad_token_id=0, ctc_loss_reduction="mean", ctc_zero_infinity=True)
     torch.manual_seed(seed)
     if folder is not None:
@@ -228,14 +237,13 @@ def _finetune_loop(model, features, train, vocab, column, f, seed) -> list[float
 @torch.no_grad()
 def _test_per(model, features, test, vocab, column) -> float:
     model.eval()
-    errors = total = 0
+    references, hypotheses = [], []
     for b in test:
         wave = b["waveforms"][0, : int(b["lengths"][0])].numpy()
         best = model(**_inputs(features, [wave])).logits[0].argmax(-1).tolist()
-        hyp = [vocab[s - 1] for i, s in enumerate(best) if s != 0 and (i == 0 or s != best[i - 1])]
-        ref = list(b[column][0])
-        errors, total = errors + edit_distance(ref, hyp), total + len(ref)
-    return errors / max(total, 1)
+        hypotheses.append([vocab[s - 1] for s in ctc_greedy(best)])
+        references.append(list(b[column][0]))
+    return error_rate(references, hypotheses)
 
 
 # ----------------------------------------------------------------------------- cost
