@@ -54,6 +54,10 @@ def plot_layer_similarity(
         ax.grid(axis="y", alpha=0.3)
     if curve_ax:
         _eval_curve(curve_ax[0], eval_history, labels)
+    return _save(fig, path, title)
+
+
+def _save(fig, path: str | Path, title: str) -> Path:
     if title:
         fig.suptitle(title)
     path = Path(path)
@@ -106,12 +110,7 @@ def plot_probe_scores(section: dict[str, Any], path: str | Path, title: str = ""
         # Both metrics are rates; a fixed [0, 1] keeps tasks and runs comparable (a CER can exceed 1).
         ax.set_ylim(0.0, max(1.0, *(row["score"] for row in task["rows"])) * 1.08)
         ax.grid(axis="y", alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    return path
+    return _save(fig, path, title)
 
 
 def format_similarity(section: dict[str, Any]) -> str:
