@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -20,10 +21,11 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from transformers import AutoModel, AutoModelForCTC, Wav2Vec2FeatureExtractor, get_scheduler
 
 from distill.build import single_upstream_teacher
-from distill.config import DataConfig
+from distill.config import DataConfig, load_recipe
 from distill.cost import audio_encoder_job, fused_teacher_job, measure_jobs, student_job
 from distill.data import load_audio_dataset, make_eval_batches
 from distill.metrics import ctc_greedy, error_rate
@@ -63,7 +65,11 @@ def distil(recipe: Path, run_dir: Path, targets: Path | None = None) -> Path:
     """
     student = run_dir / "student"
     if (student / "config.json").exists():
-        return student
+        if _same_recipe(recipe, run_dir / "recipe.yaml"):
+            return student
+        # A changed config (more steps, another student) must not silently score the old student.
+        logger.info("%s was trained from another recipe than %s: training again", run_dir, recipe)
+        shutil.rmtree(run_dir)
     overrides = []
     if targets is not None:
         if not (targets / "manifest.json").exists() or not (targets / "teacher").exists():
@@ -71,6 +77,19 @@ def distil(recipe: Path, run_dir: Path, targets: Path | None = None) -> Path:
         overrides = [f"data.targets_cache={targets}"]
     cli("train", str(recipe), *overrides, "--output-dir", str(run_dir), log=run_dir.with_suffix(".log"))
     return student
+
+
+def _same_recipe(recipe: Path, used: Path) -> bool:
+    """Whether a finished run used this recipe; where it ran and where its targets came from do not count."""
+    if not used.exists():
+        return False
+
+    def resolved(path: Path) -> dict:
+        body = OmegaConf.to_container(OmegaConf.structured(load_recipe(path)))
+        body["training"].pop("output_dir"), body["data"].pop("targets_cache")
+        return body
+
+    return resolved(recipe) == resolved(used)
 
 
 def training_summary(run_dir: Path) -> dict:
