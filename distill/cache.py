@@ -89,7 +89,7 @@ def cache_targets(
     `split`: default data.train_split_name; another split (the eval split) gets the same teacher,
     whose PCA is still fitted on the train split. `teacher`: a fitted teacher to use instead of
     `build_teacher(cfg, ...)`; it is saved to out_dir/teacher either way. `batch_size`
-    utterances go through the teacher together (it runs them unpadded). `dtype`: float16 or int8
+    utterances of similar length go through the teacher together. `dtype`: float16 or int8
     (default data.targets_cache_dtype). `device` (also where the PCA is fitted) defaults to this
     process's Accelerate device (CUDA when available). Under `accelerate launch` every rank calls
     this and computes its own shards; all return once the manifest is complete.
@@ -240,15 +240,22 @@ def _shard_done(out: Path, entry: Optional[dict], row_ids: list[str]) -> bool:
 def _write_shard(
     out: Path, index: int, rows: list[Mapping[str, Any]], teacher: FusedTeacher, manifest: dict, batch_size: int, bar: tqdm
 ) -> dict:
+    """Run the teacher over one shard's rows and write it; returns its manifest entry.
+
+    Teacher batches hold rows of similar length (kept rows sorted longest first, stable, then cut
+    into `batch_size` runs), so a padding-invariant upstream pads little; each utterance is still
+    stored under its position among the kept rows, so the shard's layout does not depend on the
+    batching.
+    """
     kept, skipped_ids = _decode_rows(rows, manifest["sampling_rate"], manifest["min_samples"], bar)
     tensors: dict[str, torch.Tensor] = {}
-    frames = []
-    for start in range(0, len(kept), batch_size):
-        group = kept[start : start + batch_size]
-        for offset, targets in enumerate(_teacher_targets(teacher, group)):
-            uid = group[offset][0]
-            tensors.update(encode_targets(_key(start + offset), targets, manifest["dtype"], f"cache-targets: {uid}"))
-            frames.append(int(targets.shape[1]))
+    frames = [0] * len(kept)
+    order = sorted(range(len(kept)), key=lambda i: -len(kept[i][1]))
+    for start in range(0, len(order), batch_size):
+        positions = order[start : start + batch_size]
+        for i, targets in zip(positions, _teacher_targets(teacher, [kept[i] for i in positions])):
+            tensors.update(encode_targets(_key(i), targets, manifest["dtype"], f"cache-targets: {kept[i][0]}"))
+            frames[i] = int(targets.shape[1])
     ids = [uid for uid, _ in kept]
     tensors["num_frames"] = torch.tensor(frames, dtype=torch.long)
     name = f"shard-{index:05d}.safetensors"
@@ -285,7 +292,7 @@ def _decode_rows(rows: list[Mapping[str, Any]], sampling_rate: int, min_samples:
 
 def _teacher_targets(teacher: FusedTeacher, group: list[tuple[str, torch.Tensor]]) -> list[torch.Tensor]:
     """Per utterance (K, T_i, D) float32 on the CPU, T_i on the wav2vec grid of the whole utterance."""
-    out = teacher.targets([wave for _, wave in group])  # a list: the teacher runs items unpadded
+    out = teacher.targets([wave for _, wave in group])  # a list: each upstream batches the items its own way
     result = []
     for b, (uid, wave) in enumerate(group):
         n = int(out.lengths[b])
