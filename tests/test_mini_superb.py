@@ -143,3 +143,39 @@ def test_quick_benchmark_runs_end_to_end(tmp_path):
     small = next(e for e in sweep["entries"] if e["point"] == "size-xs")
     assert small["params"] < fused_student["params"] and set(small["retention"]) == set(fused_student["tasks"])
     assert (out / "sweep_size.png").exists() and (out / "sweep_steps.png").exists()
+    # Attempts on top: the no-override baseline equals the sweep's steps-2 run and is not trained again.
+    done = subprocess.run([sys.executable, "-m", "benchmarks.mini_superb", "--quick", "--attempts", "--out", str(out)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    attempts = json.loads((out / "attempts.json").read_text())
+    assert [e["name"] for e in attempts["entries"]] == ["no override", "lr"]
+    assert "reusing the equal run" in done.stderr and not (out / "attempts" / "no override").exists()
+    lr = attempts["entries"][1]
+    assert lr["overrides"] == {"training.learning_rate": 0.002} and (out / "attempts" / "lr" / "student" / "config.json").exists()
+    assert set(lr["retention"]) == set(fused_student["tasks"]) and "| lr |" in (out / "attempts.md").read_text()
+
+
+def test_attempt_with_an_unknown_recipe_key_fails_before_training(tmp_path):
+    from benchmarks.mini_superb.attempts import attempt_recipes
+    from distill.config import RecipeError
+
+    cfg = load_config(overrides=["attempts.variants={typo: {training.learning_rat: 0.002}}"])
+    with pytest.raises(RecipeError, match="learning_rat") as err:
+        attempt_recipes(cfg, tmp_path, tmp_path / "corpus", [tmp_path / "content", tmp_path / "speaker"])
+    assert "\n" not in str(err.value) and "typo.yaml" in str(err.value)
+    assert not (tmp_path / "attempts" / "typo").exists()  # nothing trained
+
+
+def test_a_run_from_another_recipe_is_not_reused(tmp_path):
+    from benchmarks.mini_superb.recipes import recipe, write_recipe
+    from benchmarks.mini_superb.stages import _same_recipe
+
+    cfg = load_config()
+    ups = [tmp_path / "content", tmp_path / "speaker"]
+    used = write_recipe(recipe(cfg, tmp_path / "corpus", ups, tmp_path / "a"), tmp_path / "used.yaml")
+    moved = write_recipe(recipe(cfg, tmp_path / "corpus", ups, tmp_path / "b"), tmp_path / "moved.yaml")
+    longer = load_config(overrides=[f"distill.steps={cfg.distill.steps * 2}"])
+    changed = write_recipe(recipe(longer, tmp_path / "corpus", ups, tmp_path / "a"), tmp_path / "changed.yaml")
+    assert _same_recipe(moved, used)  # only the output folder differs
+    assert not _same_recipe(changed, used)
+    assert not _same_recipe(used, tmp_path / "missing.yaml")

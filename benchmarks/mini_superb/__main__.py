@@ -3,6 +3,7 @@
     python -m benchmarks.mini_superb --out runs/mini_superb                 # the shipped config
     python -m benchmarks.mini_superb --config benchmarks/mini_superb/alt.yaml --out runs/mini_alt
     python -m benchmarks.mini_superb --quick --out runs/mini_quick          # same path, tiny, minutes
+    python -m benchmarks.mini_superb --attempts --out runs/mini_superb      # then: attempts to move (b)'s boundary
 
 Stages (each reuses what a previous run left, keyed by config hashes): synthesise the corpus with
 espeak-ng; train two upstreams (phoneme CTC HuBERT, speaker-ID WavLM) and save them like hub
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from .attempts import run_attempts
 from .config import BenchmarkConfig, config_hash, load_config
 from .corpus import build_corpus
 from .recipes import recipe, write_recipe
@@ -51,14 +53,18 @@ def target_caches(cfg: BenchmarkConfig, out: Path) -> dict[str, Path | None]:
     return {n: out / "targets" / n if cfg.distill.cache_targets else None for n in TEACHERS}
 
 
-def sweep_only(cfg: BenchmarkConfig, out: Path, cache_dir: Path) -> dict:
-    """The sweep on top of a finished benchmark in OUT (its results.json and student runs)."""
+def on_top(cfg: BenchmarkConfig, out: Path, cache_dir: Path, sweep: bool, attempts: bool) -> None:
+    """The sweep and/or the attempts on top of a finished benchmark in OUT (its results.json and student runs)."""
     results = out / "results.json"
     if not results.exists():
-        raise SystemExit(f"--sweep-only: no {results}; run the benchmark into {out} first")
+        raise SystemExit(f"--sweep-only / --attempts: no {results}; run the benchmark into {out} first")
+    main = json.loads(results.read_text())
     corpus, _, _, sources = prepare(cfg, cache_dir)
     data = probe_data(cfg, corpus, _fused_teacher(out).min_samples)
-    return run_sweep(cfg, out, corpus, sources, target_caches(cfg, out), json.loads(results.read_text()), data)
+    if sweep:
+        run_sweep(cfg, out, corpus, sources, target_caches(cfg, out), main, data)
+    if attempts:
+        run_attempts(cfg, out, corpus, sources["fused"], main, data)
 
 
 def run(cfg: BenchmarkConfig, out: Path, cache_dir: Path, finetune: bool = True, supervised: bool = True,
@@ -179,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
     parser.add_argument("--sweep", action="store_true", help="also retention vs student size and vs steps (sweep.*)")
     parser.add_argument("--sweep-only", action="store_true", help="only the sweep, on top of the results already in OUT")
+    parser.add_argument("--attempts", action="store_true",
+                        help="only the attempts (attempts.variants) to move criterion (b), on top of the results in OUT")
     parser.add_argument("--threads", type=int, default=2, help="torch threads here and in every stage (1 on a busy machine)")
     parser.add_argument("--no-finetune", action="store_true")
     parser.add_argument("--no-supervised", action="store_true", help="skip the fit-teacher row")
@@ -187,8 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     cfg = load_config(args.config, args.set, quick=args.quick)
     cache_dir = args.cache_dir or args.out.parent / "mini_superb_cache"
-    if args.sweep_only:
-        sweep_only(cfg, args.out, cache_dir)
+    if args.sweep_only or args.attempts:
+        on_top(cfg, args.out, cache_dir, sweep=args.sweep_only, attempts=args.attempts)
         return 0
     run(cfg, args.out, cache_dir, finetune=not args.no_finetune, supervised=not args.no_supervised, sweep=args.sweep)
     return 0

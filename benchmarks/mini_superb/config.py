@@ -12,7 +12,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import yaml
 from omegaconf import OmegaConf
@@ -109,6 +109,14 @@ class SweepSection:
 
 
 @dataclass
+class AttemptsSection:
+    """`--attempts`: fused-teacher students whose recipe differs by dotted recipe overrides."""
+
+    steps: Optional[int] = None  # None: distill.steps
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {recipe.key: value}
+
+
+@dataclass
 class ProbeSection:
     steps: int = 300
     learning_rate: float = 2e-3
@@ -138,6 +146,7 @@ class BenchmarkConfig:
     probe: ProbeSection = field(default_factory=ProbeSection)
     finetune: FinetuneSection = field(default_factory=FinetuneSection)
     sweep: SweepSection = field(default_factory=SweepSection)
+    attempts: AttemptsSection = field(default_factory=AttemptsSection)
     tasks: list[str] = field(default_factory=lambda: ["ctc:phonemes", "classification:speaker",
                                                       "classification:language", "classification:style"])
 
@@ -158,6 +167,7 @@ QUICK_OVERRIDES = [
     "probe.steps=4", "probe.train_items=24", "probe.test_items=16",
     "finetune.steps=4", "finetune.train_items=16",
     "sweep.steps=[2]", "sweep.teachers=[fused]",
+    "attempts.steps=2", "attempts.variants={lr: {training.learning_rate: 0.002}}",
     "sweep.sizes={xs: {hidden_size: 8, num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 16, conv_channels: 8}}",
 ]
 

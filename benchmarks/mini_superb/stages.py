@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -56,13 +56,18 @@ def cli(*args: str, log: Path) -> None:
     logger.info("fusion-distill %s done in %.1f min (log: %s)", args[0], (time.perf_counter() - start) / 60, log)
 
 
-def distil(recipe: Path, run_dir: Path, targets: Path | None = None) -> Path:
-    """Train one student; reuse a finished run (its exported student folder exists).
+def distil(recipe: Path, run_dir: Path, targets: Path | None = None, elsewhere: Sequence[Path] = ()) -> Path:
+    """Train one student; reuse a finished run of the same recipe: in `run_dir`, or any of the
+    run folders `elsewhere` (the sweep's point that equals an attempt is not trained twice).
 
     targets: a target cache folder. The teacher then runs once over the corpus
     (`fusion-distill cache-targets`), not at every step: on a CPU the two upstreams' forward is
     about half of a step. Students of the same teacher (the sweep) share one cache.
     """
+    for other in elsewhere:
+        if other != run_dir and (other / "student" / "config.json").exists() and _same_recipe(recipe, other / "recipe.yaml"):
+            logger.info("%s: reusing the equal run %s", recipe.name, other)
+            return other / "student"
     student = run_dir / "student"
     if (student / "config.json").exists():
         if _same_recipe(recipe, run_dir / "recipe.yaml"):
