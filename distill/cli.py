@@ -6,7 +6,7 @@
     fusion-distill verify-cache DIR
     fusion-distill fit-teacher RECIPE --out DIR [--task ctc|classification] [--column C] [--max-items N] [--device D]
     fusion-distill train RECIPE [--output-dir DIR] [--resume-from latest|DIR [--allow-recipe-change KEY[,KEY]]] [key=value ...]
-    fusion-distill evaluate (RUN_DIR | STUDENT_DIR) [--teacher DIR] [--data DATA] [--no-probe] [--no-cost]
+    fusion-distill evaluate (RUN_DIR | STUDENT_DIR) [--checkpoint best|latest] [--teacher DIR] [--data DATA] [--no-probe] [--no-cost]
     fusion-distill export (RUN_DIR | STUDENT_DIR) OUT_DIR [--onnx [--quantize int8] [--parity-data DATA]] [--push-to-hub REPO_ID]
 """
 
@@ -120,7 +120,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         probe_tasks=args.probe_task or DEFAULT_PROBE_TASKS, probe_steps=args.probe_steps,
         max_items=args.max_items or None, probe=not args.no_probe, cost=not args.no_cost,
         cost_seconds=args.cost_seconds, cost_repeats=args.cost_repeats, batch_size=args.batch_size,
-        overrides=args.overrides, device=args.device,
+        overrides=args.overrides, device=args.device, checkpoint=args.checkpoint,
     )
     print(format_report(result))
 
@@ -191,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="student vs fused teacher: prediction similarity, probes, cost")
     p.add_argument("target", help="a run folder (train --output-dir) or an exported student folder")
     p.add_argument("overrides", nargs="*", help="dotted recipe overrides, e.g. data.eval_split_name=dev")
+    p.add_argument("--checkpoint", choices=("best", "latest"),
+                   help="which checkpoint of a run folder to score: best (default: the one the exported student came "
+                   "from, i.e. the best eval checkpoint when the run recorded one, else the newest) or latest (the newest)")
     p.add_argument("--teacher", help="a saved FusedTeacher folder (default: RUN/teacher)")
     p.add_argument("--data", help="dataset to evaluate on (replaces data.dataset_name)")
     p.add_argument("--out-dir", help="default: RUN/eval (STUDENT_DIR-eval for an exported folder)")

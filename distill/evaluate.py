@@ -1,11 +1,17 @@
 """Evaluate a distilled student against its fused teacher: similarity, probes, cost.
 
-    fusion-distill evaluate RUN_DIR [--teacher DIR] [--data DATASET] [--no-probe] [--no-cost]
+    fusion-distill evaluate RUN_DIR [--checkpoint best|latest] [--teacher DIR] [--data DATASET] [--no-probe] [--no-cost]
+
+A run folder is scored at one checkpoint, the same for all three parts: by default (`best`) the one
+`fusion-distill export` reads, i.e. the one the run's exported student came from: the best eval
+checkpoint when the run evaluated while training (RUN/best_checkpoint.json) and
+`training.load_best_at_end` is not false, else the newest; `latest` scores the newest. eval.json
+names it ("checkpoint": path, step, which rule picked it, the run's best and newest steps).
 
 1. Prediction similarity: per target layer, the cosine similarity and L1 distance between the
    student's head predictions and the teacher's targets, over VALID frames of whole held-out
    utterances (the recipe's eval split), pooled over frames. It needs the prediction heads, which
-   only a run folder has (in its newest checkpoint); an exported student folder has none, so the
+   only a run folder has (in its checkpoints); an exported student folder has none, so the
    section is skipped there and says so.
 2. Probes (SUPERB style, distill/probe.py): frozen features + weighted sum + small head, for each
    task in `probe_tasks` ("kind:column", any column of the dataset), for the student, the fused
@@ -46,20 +52,21 @@ from teachers import FusedTeacher, frame_mask
 
 from .audio import RECEPTIVE_FIELD
 from .build import build_distill_student, single_upstream_teacher, upstream_names
-from .checkpoint import find_checkpoint, load_weights_strict
+from .checkpoint import checkpoint_info, find_checkpoint, list_checkpoints, load_weights_strict, read_best
 from .config import DataConfig, load_recipe
 from .cost import (Cost, audio_encoder_job, fused_teacher_job, measure_jobs, onnx_student_job, ratios, student_job,
                    whisper_encoder_job)
 from .data import load_audio_dataset, make_eval_batches
+from .export import export_checkpoint
 # The format_* helpers are re-exported here: `evaluate` and its tables are one surface for the CLI.
-from .plots import format_cost, format_probes, format_report, format_similarity, plot_layer_similarity, plot_probe_scores
+from .plots import format_checkpoint, format_cost, format_probes, format_report, format_similarity, plot_layer_similarity, plot_probe_scores
 from .probe import ProbeTask, hf_encoder_extractor, is_missing, onnx_extractor, run_probes, teacher_extractor
 from .validation import read_eval_log
 
 __all__ = [
     "EvalTarget", "load_target", "evaluate", "prediction_similarity", "probe_all", "cost_all",
-    "format_similarity", "format_probes", "format_cost", "format_report",
-    "STUDENT", "TEACHER", "STUDENT_ONNX_INT8", "STUDENT_ONNX_FP32", "DEFAULT_PROBE_TASKS",
+    "format_similarity", "format_probes", "format_cost", "format_checkpoint", "format_report",
+    "STUDENT", "TEACHER", "STUDENT_ONNX_INT8", "STUDENT_ONNX_FP32", "DEFAULT_PROBE_TASKS", "CHECKPOINT_CHOICES",
 ]
 
 logger = logging.getLogger(__name__)
@@ -69,6 +76,7 @@ STUDENT_ONNX_INT8, STUDENT_ONNX_FP32 = "student (ONNX int8)", "student (ONNX fp3
 DEFAULT_PROBE_TASKS = ("ctc:text", "classification:label")
 PLOT_NAME, JSON_NAME = "layer_similarity.png", "eval.json"
 PROBE_PLOT_NAME = "probe_scores.png"
+CHECKPOINT_CHOICES = ("best", "latest")  # which checkpoint of a run folder is scored
 
 
 @dataclass
@@ -79,7 +87,8 @@ class EvalTarget:
     expects zero-mean unit-variance audio (None: its folder's preprocessor_config.json decides,
     as distill.probe.hf_encoder_extractor reads it); student: encoder +
     heads (runs only); teacher and data: None when neither the run nor the caller names them;
-    source: the checkpoint or folder the weights came from.
+    source: the checkpoint or folder the weights came from; checkpoint (runs only): which
+    checkpoint that is and why, as eval.json records it (see `_run_checkpoint`).
     """
 
     kind: str
@@ -92,18 +101,24 @@ class EvalTarget:
     data: DataConfig | None = None
     # ONNX graphs of an exported folder (students.onnx), by precision: "fp32", "int8".
     onnx: dict[str, Path] = dataclasses.field(default_factory=dict)
+    checkpoint: dict[str, Any] | None = None
 
 
 def load_target(
-    target: str | Path, teacher: str | Path | None = None, data: str | None = None, overrides: Sequence[str] = ()
+    target: str | Path, teacher: str | Path | None = None, data: str | None = None, overrides: Sequence[str] = (),
+    checkpoint: str | None = None,
 ) -> EvalTarget:
     """A run folder (recipe.yaml) or an exported student folder (config.json) -> EvalTarget.
 
     `teacher` replaces the run's saved teacher (a FusedTeacher.save_pretrained folder); `data`
     replaces data.dataset_name; `overrides` are dotted recipe overrides (data.eval_split_name=dev).
-    An exported folder inside a run (RUN/student) takes the run's recipe and teacher.
+    `checkpoint` (run folders only): "best" (default: the checkpoint the exported student came
+    from) or "latest" (the newest). An exported folder inside a run (RUN/student) takes the run's
+    recipe and teacher.
     """
     path = Path(target)
+    if checkpoint is not None and checkpoint not in CHECKPOINT_CHOICES:
+        raise ValueError(f"checkpoint {checkpoint!r}: expected one of {', '.join(CHECKPOINT_CHOICES)}")
     if (path / "recipe.yaml").is_file():
         cfg = load_recipe(path / "recipe.yaml", list(overrides))
         fused = FusedTeacher.from_pretrained(teacher or path / "teacher")
@@ -111,13 +126,17 @@ def load_target(
         # give the initial copy anyway.
         cfg.student.init_from_upstream = None
         student = build_distill_student(cfg, fused)
-        checkpoint = find_checkpoint(path, "latest")
-        _load_strict(student, checkpoint / "model.safetensors", fused)
+        source, record = _run_checkpoint(cfg, path, checkpoint or "best")
+        logger.info("%s", format_checkpoint(record))
+        _load_strict(student, source / "model.safetensors", fused)
         student.eval()
         cfg.data.dataset_name = data or cfg.data.dataset_name
-        return EvalTarget("run", path, student.encoder, True, checkpoint, student, fused, cfg.data)
+        return EvalTarget("run", path, student.encoder, True, source, student, fused, cfg.data, checkpoint=record)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: neither a training run (recipe.yaml) nor an exported student (config.json)")
+    if checkpoint is not None:
+        raise ValueError(f"{path}: an exported student has no checkpoints to choose from; "
+                         f"--checkpoint applies to a run folder (e.g. {path.parent})")
     from transformers import AutoModel
 
     encoder = AutoModel.from_pretrained(path).eval()
@@ -131,6 +150,35 @@ def load_target(
     fused = FusedTeacher.from_pretrained(teacher) if teacher else None
     graphs = {precision: path / name for precision, name in (("fp32", ONNX_FILE), ("int8", INT8_FILE)) if (path / name).is_file()}
     return EvalTarget("student", path, encoder, None, path, None, fused, data_cfg, graphs)
+
+
+def _run_checkpoint(cfg, run: Path, which: str) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint folder to score and its record for eval.json.
+
+    "best" is what `export` reads (`export_checkpoint`), so the scores are those of the exported
+    student: the best eval checkpoint when the run recorded one and training.load_best_at_end is
+    not false, else the newest. "latest" is the newest intact one. The record: path, step,
+    requested, picked ("best" when it is the run's best eval checkpoint, else "latest"), why
+    (the reason for "latest"), best_step (None without evaluation while training), newest_step.
+    """
+    source = export_checkpoint(cfg, run) if which == "best" else find_checkpoint(run, "latest")
+    best, newest = read_best(run), list_checkpoints(run)
+    picked = "best" if best is not None and source.name == best["checkpoint"] else "latest"
+    if picked == "best":
+        why = "the best eval checkpoint"
+    elif best is None:
+        why = "the run recorded no best eval checkpoint"
+    elif which == "latest":
+        why = "asked for"
+    elif cfg.training.load_best_at_end is False:
+        why = "training.load_best_at_end is false"
+    else:
+        why = f"the best eval checkpoint {best['checkpoint']} is gone"
+    return source, {
+        "path": str(source), "step": checkpoint_info(source)["step"], "requested": which, "picked": picked,
+        "why": why, "best_step": best["step"] if best is not None else None,
+        "newest_step": checkpoint_info(newest[-1])["step"] if newest else None,
+    }
 
 
 def _load_strict(student: DistillStudent, weights_path: Path, teacher: FusedTeacher) -> None:
@@ -344,14 +392,17 @@ def evaluate(
     probe: bool = True, cost: bool = True, probe_learning_rate: float = 1e-3, probe_seed: int = 0,
     probe_interface: str = "weighted_sum", batch_size: int = 8, cost_seconds: float = 10.0, cost_repeats: int = 3,
     cost_threads: int | None = None, overrides: Sequence[str] = (), device: str | None = None,
+    checkpoint: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate a run folder (or an exported student folder); write OUT/eval.json and the plot.
 
-    `max_items` caps the utterances read from each split (None: all). Returns what eval.json
-    holds: target, similarity, probes, cost (a skipped part holds {"skipped": reason}), files.
+    `max_items` caps the utterances read from each split (None: all). `checkpoint` picks a run
+    folder's checkpoint: "best" (default; the exported student's) or "latest". Returns what
+    eval.json holds: target, weights and checkpoint (which one was scored; None for an exported
+    folder), similarity, probes, cost (a skipped part holds {"skipped": reason}), files.
     """
     _check_tasks(probe_tasks if probe else ())
-    t = load_target(target, teacher, data, overrides)
+    t = load_target(target, teacher, data, overrides, checkpoint)
     # Beside an exported folder, not inside it: files there would ship (and upload) with the model.
     out = Path(out_dir) if out_dir else (t.path / "eval" if t.kind == "run" else t.path.with_name(t.path.name + "-eval"))
     out.mkdir(parents=True, exist_ok=True)
@@ -361,7 +412,7 @@ def evaluate(
             module.to(run_device)
     _quantise_for_eval(t, out)
     result: dict[str, Any] = {
-        "target": str(t.path), "kind": t.kind, "weights": str(t.source),
+        "target": str(t.path), "kind": t.kind, "weights": str(t.source), "checkpoint": t.checkpoint,
         "teacher": t.teacher.config if t.teacher is not None else None,
         # How much of each upstream the teacher's projection keeps: read beside the probes.
         "projection": t.teacher.projection_report if t.teacher is not None else None,

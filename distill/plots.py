@@ -16,7 +16,7 @@ from typing import Any
 from .cost import Cost, cost_table
 
 __all__ = ["plot_layer_similarity", "plot_probe_scores", "format_similarity", "format_probes", "format_cost",
-           "format_projection", "format_report"]
+           "format_projection", "format_checkpoint", "format_report"]
 
 logger = logging.getLogger(__name__)
 
@@ -177,11 +177,24 @@ def format_cost(section: dict[str, Any]) -> str:
     return f"cost on {section['seconds']:g} s of audio ({where})\n" + cost_table(costs, section["reference"])
 
 
+def format_checkpoint(record: dict[str, Any]) -> str:
+    """One line: which checkpoint of the run was scored, and how it relates to the best and newest."""
+    head = f"scored {Path(record['path']).name} (step {record['step']})"
+    best, newest, step = record["best_step"], record["newest_step"], record["step"]
+    if record["picked"] == "best":
+        return head + (": the best eval checkpoint and the newest" if newest == step
+                       else f": the best eval checkpoint; the newest is step {newest}")
+    tail = f"; the best eval checkpoint is step {best}" if best is not None else ""
+    return head + f": the newest checkpoint ({record['why']}){tail}"
+
+
 def format_report(result: dict[str, Any]) -> str:
     """The three tables and where the files went, as the CLI prints them."""
     files = result["files"]
     written = [files["eval_json"]] + [files[k] for k in ("plot", "probe_plot") if files.get(k)]
     parts = [format_similarity(result["similarity"]), format_probes(result["probes"])]
+    if result.get("checkpoint"):  # a run folder (eval.json files written before this have none)
+        parts.insert(0, format_checkpoint(result["checkpoint"]))
     if result.get("teacher") is not None:  # eval.json files written before the diagnostics have no "projection"
         parts.append(format_projection(result.get("projection")))
     parts += [format_cost(result["cost"]), "wrote " + ", ".join(written)]

@@ -2,7 +2,9 @@
 
 The run folder has what `fusion-distill train` leaves: recipe.yaml, teacher/ (PCA-fitted on a few
 demo utterances), a checkpoint written by the real `save_checkpoint` (Accelerate save_state +
-completion marker) and the exported student/.
+completion marker) and the exported student/. A copy with a second, newer checkpoint and the
+older one marked best (the real `mark_best`: best_checkpoint.json + marker) checks which
+checkpoint is scored.
 """
 
 from __future__ import annotations
@@ -19,14 +21,17 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from omegaconf import OmegaConf
+from safetensors.torch import load_file
 
 from conftest import make_wave
 
 from distill.build import build_distill_student, build_teacher
-from distill.checkpoint import save_checkpoint
+from distill.checkpoint import BEST_FILE, mark_best, save_checkpoint
+from distill.cli import main as cli_main
 from distill.config import load_recipe
 from distill.data import load_audio_dataset, make_eval_batches
-from distill.evaluate import TEACHER, evaluate, format_cost, format_probes, format_report, format_similarity
+from distill.evaluate import (TEACHER, evaluate, format_cost, format_probes, format_report, format_similarity,
+                               load_target)
 from distill.export import export_run
 from teachers import FusedTeacher
 
@@ -77,6 +82,10 @@ def test_eval_json_structure(run, result):
     assert saved == json.loads(json.dumps(result))
     assert {"target", "kind", "weights", "teacher", "dataset", "similarity", "probes", "cost", "files"} <= set(saved)
     assert saved["kind"] == "run" and saved["weights"].endswith("checkpoint-1")
+    # No evaluation while training: the default (best) falls back to the newest, and says so.
+    assert saved["checkpoint"] == {"path": saved["weights"], "step": 1, "requested": "best", "picked": "latest",
+                                   "why": "the run recorded no best eval checkpoint", "best_step": None, "newest_step": 1}
+    assert "scored checkpoint-1 (step 1): the newest checkpoint (the run recorded no best eval checkpoint)" in format_report(result)
     assert saved["teacher"]["target_layers"] == list(teacher.target_layer_ids)
 
 
@@ -207,3 +216,68 @@ def test_cost_runs_everything_in_fp32_on_cpu_and_restores(run, result, monkeypat
     assert teacher.projection.weight.dtype == torch.float32 and next(encoder.parameters()).dtype == torch.bfloat16
     section = result["cost"]
     assert (section["device"], section["dtype"]) == ("cpu", "float32") and "(CPU, fp32)" in format_cost(section)
+
+
+# --------------------------------------------------------------------------- which checkpoint is scored
+@pytest.fixture(scope="module")
+def run_with_older_best(run, tmp_path_factory):
+    """A copy of the run with checkpoint-2 (other weights) after checkpoint-1, which is marked best.
+
+    Whether a short training run's best eval checkpoint is an older one depends on the numbers, so
+    the run's files are written directly, with the trainer's own save_checkpoint and mark_best.
+    """
+    folder, student, _, cfg = run
+    two = tmp_path_factory.mktemp("best") / "run"
+    shutil.copytree(folder, two, ignore=shutil.ignore_patterns("eval", "student", "student-eval"))
+    newer = copy.deepcopy(student)
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(7)
+        for p in newer.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    accelerator = Accelerator(cpu=True)
+    save_checkpoint(accelerator, two, 2, None, cfg, accelerator.prepare(newer))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    mark_best(two, 1, {"step": 1, "loss": 1.0}, total_limit=None)
+    assert json.loads((two / BEST_FILE).read_text())["checkpoint"] == "checkpoint-1"
+    export_run(two, two / "student")  # from a checkpoint, as train exports: the best one
+    return two, student, newer.eval()
+
+
+def _same_weights(encoder, weights: dict[str, torch.Tensor]) -> bool:
+    state = encoder.state_dict()
+    return state.keys() == weights.keys() and all(torch.equal(state[k], weights[k]) for k in state)
+
+
+def test_run_is_scored_at_the_exported_best_checkpoint_by_default(run_with_older_best):
+    two, best, newer = run_with_older_best
+    exported = load_file(two / "student" / "model.safetensors")
+    target = load_target(two)
+    assert target.source == two / "checkpoint-1" and _same_weights(target.encoder, exported)
+    assert _same_weights(target.encoder, best.encoder.state_dict())
+    latest = load_target(two, checkpoint="latest")
+    assert latest.source == two / "checkpoint-2" and _same_weights(latest.encoder, newer.encoder.state_dict())
+    assert not _same_weights(latest.encoder, exported)
+    # A run that asked to export its final weights is scored there too.
+    final = load_target(two, overrides=["training.load_best_at_end=false"])
+    assert final.source == two / "checkpoint-2" and final.checkpoint["why"] == "training.load_best_at_end is false"
+
+    out = evaluate(two, probe=False, cost=False, max_items=2, device="cpu")
+    saved = json.loads((two / "eval" / "eval.json").read_text())
+    assert saved["weights"] == str(two / "checkpoint-1") == out["checkpoint"]["path"]
+    assert saved["checkpoint"] == {"path": str(two / "checkpoint-1"), "step": 1, "requested": "best", "picked": "best",
+                                   "why": "the best eval checkpoint", "best_step": 1, "newest_step": 2}
+    assert "scored checkpoint-1 (step 1): the best eval checkpoint; the newest is step 2" in format_report(out)
+
+
+def test_cli_checkpoint_latest_scores_the_newest(run_with_older_best, tmp_path, capsys):
+    two, *_ = run_with_older_best
+    assert cli_main(["evaluate", str(two), "--checkpoint", "latest", "--no-probe", "--no-cost", "--max-items", "2",
+                     "--device", "cpu", "--out-dir", str(tmp_path / "eval")]) == 0
+    record = json.loads((tmp_path / "eval" / "eval.json").read_text())["checkpoint"]
+    assert (record["step"], record["picked"], record["why"], record["best_step"]) == (2, "latest", "asked for", 1)
+    assert "scored checkpoint-2 (step 2): the newest checkpoint (asked for); the best eval checkpoint is step 1" in capsys.readouterr().out
+    # An exported folder has no checkpoints; an unknown choice is refused by argparse.
+    assert cli_main(["evaluate", str(two / "student"), "--checkpoint", "latest", "--no-probe", "--no-cost"]) == 2
+    assert "an exported student has no checkpoints" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["evaluate", str(two), "--checkpoint", "first"])
