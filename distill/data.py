@@ -18,6 +18,7 @@ from typing import Any, Optional
 import datasets
 import numpy as np
 import torch
+from datasets.distributed import split_dataset_by_node
 from torch.utils.data import BatchSampler, DataLoader, Sampler
 
 from .audio import RECEPTIVE_FIELD, BadAudio, SkipCounter, crop_batch, crop_length, decode_audio, header_durations
@@ -34,6 +35,7 @@ __all__ = [
     "LengthBucketSampler",
     "make_train_dataloader",
     "make_eval_batches",
+    "rank_share",
 ]
 
 logger = logging.getLogger(__name__)
@@ -226,8 +228,8 @@ def make_train_dataloader(
 
     Map-style datasets use a batch sampler, so accelerate.prepare and skip_first_batches work;
     call `loader.set_epoch(epoch)` (on the prepared loader too) before iterating an epoch.
-    Streaming datasets get an iterable loader: one process, or split the dataset per rank
-    first (datasets.distributed.split_dataset_by_node) and prepare with dispatch_batches=False.
+    Streaming datasets get an iterable loader: one process, or give each rank its own part
+    first (`rank_share`) and do not pass the loader to accelerate.prepare.
     """
     if _max_crop(data_cfg) < RECEPTIVE_FIELD:  # fail here, not inside a loader worker
         seconds = data_cfg.max_crop_seconds
@@ -253,6 +255,28 @@ def make_train_dataloader(
         # the global RNG, so dropout after a resume (a fresh iterator mid-epoch) matches.
         generator=torch.Generator().manual_seed(seed),
     )
+
+
+def rank_share(dataset: datasets.IterableDataset, rank: int, world_size: int) -> datasets.IterableDataset:
+    """The part of a streamed training set that process `rank` of `world_size` reads.
+
+    Why: Accelerate cannot split this stream for us. A prepared iterable loader either has rank 0
+    read and broadcast every batch (dispatch_batches), and a batch's string ids cannot be
+    broadcast, or has every rank read the whole stream and keep a slice of it. So each rank streams its own part
+    (datasets.distributed.split_dataset_by_node): whole shards (parquet files) go to ranks when
+    `n_shards` is divisible by `world_size`; else every rank reads the full stream and keeps every
+    `world_size`-th example (offset `rank`). The parts are disjoint and together hold every
+    utterance; shuffling them afterwards with one seed on all ranks (make_train_dataloader does)
+    keeps that (with every n-th example, the shuffle buffer runs before the pick, so a rank's
+    utterances change from epoch to epoch, still disjoint from the others'). Parts may differ in size by up to a shard; train.py ends each epoch when the first
+    rank runs out. Map-style datasets are not split here: Accelerate's prepared sampler does it.
+    """
+    if not isinstance(dataset, datasets.IterableDataset):
+        raise TypeError(f"rank_share splits streamed datasets; got {type(dataset).__name__} "
+                        f"(map-style data is split by the sampler accelerate.prepare shards)")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank_share: rank {rank} is not in 0..{world_size - 1}")
+    return split_dataset_by_node(dataset, rank=rank, world_size=world_size)
 
 
 # --------------------------------------------------------------------------- evaluation

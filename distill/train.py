@@ -27,7 +27,6 @@ import datasets
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, broadcast_object_list, send_to_device, set_seed
-from datasets.distributed import split_dataset_by_node
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -39,7 +38,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import RecipeConfig, RecipeError
-from .data import SkipCounter, load_audio_dataset, make_train_dataloader
+from .data import SkipCounter, load_audio_dataset, make_train_dataloader, rank_share
 from .export import export_run
 from .faults import StepHealth, StopSignals, check_writable, count_nonfinite_step, errno_name, preempt
 from .losses import distill_loss
@@ -117,7 +116,7 @@ def train(cfg: RecipeConfig, resume_from: str | None = None, allow_recipe_change
         train_set = load_audio_dataset(cfg.data, cfg.data.train_split_name)
     streaming = isinstance(train_set, datasets.IterableDataset)
     if streaming:  # each rank streams its own part; Accelerate cannot dispatch string ids
-        train_set = split_dataset_by_node(train_set, rank=accelerator.process_index, world_size=accelerator.num_processes)
+        train_set = rank_share(train_set, accelerator.process_index, accelerator.num_processes)
     if cfg.data.targets_cache:  # targets precomputed by `cache-targets`: no teacher forward
         TargetCache.check_data(cfg.data)  # cached targets are keyed by map-style row ids
         # Sizes now; each rank hashes a shard the first time it reads from it (no idle start on a large cache).

@@ -31,6 +31,7 @@ from distill.data import (
     load_audio_dataset,
     make_eval_batches,
     make_train_dataloader,
+    rank_share,
 )
 
 DEMO = Path(__file__).resolve().parent.parent / "data" / "demo"
@@ -264,6 +265,49 @@ def test_streamed_hub_ids_are_unique_and_stable(tmp_path, monkeypatch):
     assert [row["id"] for row in load_audio_dataset(cfg, "train")] == ids  # stable across loads
     batches = list(make_train_dataloader(stream, cfg, batch_size=3, seed=0))
     assert sorted(uid for b in batches for uid in b["ids"]) == sorted(ids)
+
+
+@pytest.mark.parametrize("shards, utterances", [(2, 8), (1, 7)])
+def test_streaming_ranks_read_disjoint_parts_that_cover_the_corpus(tmp_path, monkeypatch, shards, utterances):
+    """data.streaming with 2 processes: every rank trains on different utterances, all of them
+    together. 2 shards: whole shards per rank; 1 shard of an odd count: every 2nd example (and 3
+    ranks over 2 shards likewise, 2 not dividing by 3)."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)
+    payloads = []
+    for i in range(utterances):
+        sf.write(tmp_path / "clip.wav", _tone(1.0 + i / 8, seed=i), SR)
+        payloads.append({"bytes": (tmp_path / "clip.wav").read_bytes(), "path": f"clip{i}.wav"})
+    cfg = _cfg(_hub_repo(tmp_path / "repo", payloads, shards=shards), streaming=True, bucket_size=3)
+    stream = load_audio_dataset(cfg, "train")
+    assert stream.n_shards == shards
+    ids = [row["id"] for row in stream]
+    assert len(set(ids)) == utterances
+    parts = [[row["id"] for row in rank_share(stream, rank, 2)] for rank in range(2)]
+    assert not set(parts[0]) & set(parts[1]) and sorted(parts[0] + parts[1]) == sorted(ids)
+    if shards == 2:  # shard k (the k-th half of the files) is rank k's
+        assert parts == [ids[:4], ids[4:]]
+    else:  # one shard cannot be split: rank r keeps examples r, r + 2, ...
+        assert parts == [ids[0::2], ids[1::2]]
+        assert len(parts[0]) == len(parts[1]) + 1
+    three = [[row["id"] for row in rank_share(stream, rank, 3)] for rank in range(3)]
+    assert three == [ids[0::3], ids[1::3], ids[2::3]]
+    # What train.py feeds each rank: its part, shuffled with the shared seed, epoch after epoch.
+    for epoch in range(2):
+        seen = []
+        for rank in range(2):
+            loader = make_train_dataloader(rank_share(stream, rank, 2), cfg, batch_size=2, seed=0, epoch=epoch)
+            batches = list(loader)
+            assert all(not b["skipped"] for b in batches)
+            seen.append([uid for b in batches for uid in b["ids"]])
+        # (with one shard the buffer shuffles before the every-2nd pick, so the parts change per epoch)
+        assert not set(seen[0]) & set(seen[1]) and sorted(seen[0] + seen[1]) == sorted(ids), epoch
+        if shards == 2:
+            assert sorted(seen[0]) == sorted(parts[0]), epoch
+    with pytest.raises(TypeError, match="rank_share splits streamed datasets"):
+        rank_share(datasets.Dataset.from_dict({"id": ["a"]}), 0, 2)
+    with pytest.raises(ValueError, match=r"rank 2 is not in 0\.\.1"):
+        rank_share(stream, 2, 2)
 
 
 def test_unknown_hub_dataset_is_one_line():
