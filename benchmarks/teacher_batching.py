@@ -18,7 +18,7 @@ Small encoder (30 s windows, always batched). The utterances have lengths drawn 
 - one at a time: every utterance is its own call;
 - equal length: the batches as `cache-targets` forms them, but only equal lengths share a forward
   (the rule for every wav2vec-family model before masked batches);
-- masked: the batches under the upstream's own rule (`padding_invariant`: zero-padded with
+- masked: the batches padded where the upstream allows it (`padding_invariant`: zero-padded with
   `attention_mask`; otherwise equal lengths only).
 
 Whisper pads every window to 30 s anyway, so both batched set-ups run its windows together.
@@ -41,7 +41,7 @@ from typing import Callable
 
 import torch
 
-from teachers.upstream import SAMPLING_RATE, Upstream, load_upstream, padding_invariant
+from teachers.upstream import SAMPLING_RATE, Upstream, load_upstream
 
 SETUPS = ("one at a time", "equal length", "masked")
 _WHISPER_COMMON = dict(vocab_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
@@ -81,9 +81,9 @@ def cache_batches(waves: list[torch.Tensor], batch_size: int) -> list[list[torch
 def run_setup(up: Upstream, setup: str, batches: list[list[torch.Tensor]]) -> float:
     """Seconds to encode every batch under `setup`."""
     calls = [[w] for batch in batches for w in batch] if setup == "one at a time" else batches
-    rule = getattr(up, "padding_invariant", None)
-    if rule is not None:  # wav2vec family: the set-up decides whether padding is allowed
-        up.padding_invariant = setup == "masked" and padding_invariant(up.model.config)
+    rule = getattr(up, "padded_batches", "n/a")
+    if rule != "n/a":  # wav2vec family: the set-up decides whether it pads (where the model allows it)
+        up.padded_batches = setup == "masked"
     try:
         _sync(up)
         start = time.perf_counter()
@@ -92,8 +92,8 @@ def run_setup(up: Upstream, setup: str, batches: list[list[torch.Tensor]]) -> fl
         _sync(up)
         return time.perf_counter() - start
     finally:
-        if rule is not None:
-            up.padding_invariant = rule
+        if rule != "n/a":
+            up.padded_batches = rule
 
 
 def padded_share(up: Upstream, batches: list[list[torch.Tensor]]) -> float:

@@ -20,7 +20,8 @@ trimmed to its own frame count (measured on tiny random-init models in float32: 
 state within 4e-6 of a run alone). Group-norm front-ends normalise over the whole padded time
 axis and Data2VecAudio's stacked positional convs carry padding into valid frames, even with an
 attention mask (max diff 1.2-3.3), so for those and for any model type not verified only
-equal-length utterances share a batch.
+equal-length utterances share a batch. Padding is used on accelerators only, where batching pays
+(`Wav2VecUpstream.padded_batches`).
 """
 
 from __future__ import annotations
@@ -161,7 +162,12 @@ def padding_invariant(config: Any) -> bool:
 class Wav2VecUpstream(Upstream):
     """WavLM, HuBERT, Wav2Vec2, Data2VecAudio and other conv-front-end encoders.
 
-    `padding_invariant`: utterances of different lengths share a padded batch (see module docstring).
+    `padding_invariant`: whether utterances of different lengths may share a padded batch (see
+    module docstring). `padded_batches` decides whether they do: None (default) pads on
+    accelerators only. Measured with `benchmarks/teacher_batching.py` (WavLM Base+ geometry, 8
+    utterances of 2-10 s, one CPU thread), a padded batch ran at 0.48x the speed of one utterance
+    at a time on a CPU, which is compute-bound already at batch 1 and only gains the padding;
+    a GPU gains from the batch.
     """
 
     def __init__(self, model: nn.Module, name: str, do_normalize: bool):
@@ -169,6 +175,7 @@ class Wav2VecUpstream(Upstream):
         super().__init__(model, name, cfg.model_type, cfg.num_hidden_layers, cfg.hidden_size)
         self.do_normalize = do_normalize
         self.padding_invariant = padding_invariant(cfg)
+        self.padded_batches: bool | None = None
         field, hop = receptive_field_and_hop(list(zip(cfg.conv_kernel, cfg.conv_stride)))
         self.min_samples = field
         self.frame_rate = SAMPLING_RATE / hop
@@ -185,13 +192,13 @@ class Wav2VecUpstream(Upstream):
         return states
 
     def _batches(self, lengths: list[int]) -> list[list[int]]:
-        """Indices per forward, longest first: all of them when padding-invariant, else equal lengths.
+        """Indices per forward, longest first: all of them when padding, else equal lengths.
 
         One padded batch per call: callers bound its size, and `cache-targets` hands over rows of
         similar length, so padding stays small.
         """
         order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: ties keep their order
-        if self.padding_invariant:
+        if self.pads():
             return [order]
         batches: list[list[int]] = []
         for i in order:
@@ -200,6 +207,11 @@ class Wav2VecUpstream(Upstream):
             else:
                 batches.append([i])
         return batches
+
+    def pads(self) -> bool:
+        """Whether this call's utterances of different lengths share one padded batch."""
+        wanted = self.device.type != "cpu" if self.padded_batches is None else self.padded_batches
+        return self.padding_invariant and wanted
 
     def _run(self, waves: list[torch.Tensor]) -> torch.Tensor:
         longest = max(w.numel() for w in waves)

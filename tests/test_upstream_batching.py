@@ -49,7 +49,8 @@ def _alone(up, waves: list[torch.Tensor]) -> list[torch.Tensor]:
 @pytest.mark.parametrize("kind", ["wav2vec2", "hubert", "wavlm"])
 def test_layer_norm_models_run_mixed_lengths_as_one_padded_batch(kind):
     up = load_upstream(tiny_config(kind, **LAYER_NORM))
-    assert up.padding_invariant
+    assert up.padding_invariant and not up.pads()  # a CPU gains nothing from padding: off unless asked
+    up.padded_batches = True
     waves = [make_wave(s, seed) for seed, s in enumerate(SECONDS)]
     expected = _alone(up, waves)
     calls = _count_calls(up)
@@ -92,8 +93,14 @@ def test_padding_invariant_predicate():
 
 
 def test_batches_are_sorted_longest_first():
-    # Ties keep their order; a padding-invariant upstream runs one batch, the others equal lengths.
-    assert load_upstream(tiny_config("hubert", **LAYER_NORM))._batches([8000, 4000, 12000, 8000]) == [[2, 0, 3, 1]]
+    # Ties keep their order; a padding upstream runs one batch, the others (and a CPU by default) equal lengths.
+    padding = load_upstream(tiny_config("hubert", **LAYER_NORM))
+    assert padding._batches([8000, 4000, 12000, 8000]) == [[2], [0, 3], [1]]
+    padding.padded_batches = True
+    assert padding._batches([8000, 4000, 12000, 8000]) == [[2, 0, 3, 1]]
+    assert padding.to("meta").pads()  # any accelerator pads by default
+    padding.padded_batches = False
+    assert not padding.pads()
     assert load_upstream(tiny_config("hubert"))._batches([8000, 4000, 12000, 8000]) == [[2], [0, 3], [1]]
 
 
@@ -104,9 +111,12 @@ def _cache_recipe(folder: Path, upstreams):
     return cfg
 
 
-def _shards(cfg, tmp_path: Path, name: str) -> tuple[dict, dict, dict, dict]:
+def _shards(cfg, tmp_path: Path, name: str, padded: bool | None = None) -> tuple[dict, dict, dict, dict]:
     """Per batch size (1 and 4): shard tensors, shard metadata, manifest entry, wav2vec forwards."""
     teacher = build_teacher(cfg, load_audio_dataset(cfg.data, cfg.data.train_split_name))
+    for up in teacher.upstreams:
+        if hasattr(up, "padded_batches"):
+            up.padded_batches = padded  # True: as on an accelerator
     hooked = [_count_calls(up) for up in teacher.upstreams if hasattr(up, "padding_invariant")]
     tensors, meta, entries, calls = {}, {}, {}, {}
     for batch_size in (1, 4):
@@ -140,7 +150,7 @@ def test_cache_with_padded_batches_stores_rows_in_place(corpus, tmp_path):  # no
     def layer_norm(ups):
         return [{"config": {**u["config"], **LAYER_NORM}} if u["config"]["model_type"] != "whisper" else u for u in ups]
 
-    tensors, meta, entries, calls = _shards(_cache_recipe(corpus, layer_norm), tmp_path, "padded")
+    tensors, meta, entries, calls = _shards(_cache_recipe(corpus, layer_norm), tmp_path, "padded", padded=True)
     # Per wav2vec upstream: 5 forwards one by one; with batches of 4, [e, c, a, b] padded, then [d].
     assert len(calls[1]) == 2 * 5 and not any(c["mask"] for c in calls[1])
     assert [c["mask"] for c in calls[4]] == [True, False] * 2
