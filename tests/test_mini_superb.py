@@ -83,7 +83,10 @@ def test_criteria_against_hand_computed_rows():
     rows[3]["tasks"][t[0]]["value"] = 0.53  # 88% on phonemes: (b) fails, (c) still holds
     verdict, lines, _ = criteria(rows)
     assert verdict == {"a": True, "b": False, "c": True}
-    assert lines[1].startswith("FAIL (b)") and "PR (1-PER) 88%" in lines[1]
+    assert lines[1].startswith("FAIL (b)") and "PR (1-PER) 88.3%" in lines[1]
+    rows[3]["tasks"][t[0]]["value"] = 0.5398  # 89.97%: fails, and must not print as 90%
+    verdict, lines, _ = criteria(rows)
+    assert not verdict["b"] and "PR (1-PER) 89.9%" in lines[1] and "SID 90.0%" in lines[1]
 
 
 @needs_espeak
@@ -148,8 +151,8 @@ def test_quick_benchmark_runs_end_to_end(tmp_path):
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     attempts = json.loads((out / "attempts.json").read_text())
-    assert [e["name"] for e in attempts["entries"]] == ["no override", "lr"]
-    assert "reusing the equal run" in done.stderr and not (out / "attempts" / "no override").exists()
+    assert [e["name"] for e in attempts["entries"]] == ["no-override", "lr"]
+    assert "reusing the equal run" in done.stderr and not (out / "attempts" / "no-override").exists()
     lr = attempts["entries"][1]
     assert lr["overrides"] == {"training.learning_rate": 0.002} and (out / "attempts" / "lr" / "student" / "config.json").exists()
     assert set(lr["retention"]) == set(fused_student["tasks"]) and "| lr |" in (out / "attempts.md").read_text()

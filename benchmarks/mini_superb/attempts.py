@@ -26,7 +26,7 @@ from .report import FUSED, RETENTION, SHORT, mean_value, percent, retention_of
 from .stages import distil, probe, student_extractor, training_summary
 
 logger = logging.getLogger(__name__)
-BASELINE = "no override"
+BASELINE = "no-override"  # a folder name too
 
 
 def attempt_recipes(cfg: BenchmarkConfig, out: Path, corpus: Path, upstreams: list[Path]) -> dict[str, Path]:
