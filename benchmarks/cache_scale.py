@@ -1,6 +1,7 @@
 """Target cache storage and speed, float16 vs int8, side by side in one run.
 
     python benchmarks/cache_scale.py [--seconds 120] [--threads 1] [--json PATH] [--quick]
+    python benchmarks/cache_scale.py --compare CACHE_FP16 CACHE_INT8   # two real caches of one teacher
 
 1. Size: shards written by the cache's own encoder (`encode_targets` + safetensors, as
    `cache-targets` writes them) for K=3, D=768 targets of mixed-length utterances (2-15 s;
@@ -97,14 +98,33 @@ def read_speed(cache: TargetCache, repeats: int, seed: int = 0) -> float:
     return repeats * 8 * 2.0 / (time.perf_counter() - start)
 
 
+def compare_caches(reference: str | Path, other: str | Path) -> dict:
+    """Error of one cache against another made by the same teacher over the same rows."""
+    ref, alt = TargetCache.open(reference), TargetCache.open(other)
+    if ref.teacher_hash != alt.teacher_hash or ref.ids != alt.ids:
+        raise SystemExit(f"--compare: {reference} and {other} hold other teachers or rows; expected the same of both")
+    result = errors([ref.targets(u).float() for u in ref.ids], [alt.targets(u).float() for u in ref.ids])
+    frames = sum(ref.num_frames(u) for u in ref.ids)
+    return {"reference": f"{reference} ({ref.dtype})", "other": f"{other} ({alt.dtype})", "utterances": len(ref.ids),
+            "frames": frames, "layers": len(ref.layer_ids), "target_dim": ref.target_dim, **result}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=120.0, help="synthetic audio seconds for the size measurement")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--compare", nargs=2, metavar=("REFERENCE", "OTHER"),
+                        help="only compare two caches of the same teacher and rows (e.g. float16 and int8 of a real run)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.compare:
+        result = compare_caches(*args.compare)
+        print(json.dumps(result, indent=2))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        return result
     seconds = 20.0 if args.quick else args.seconds
     result: dict = {"threads": args.threads}
     with tempfile.TemporaryDirectory(prefix="cache_scale_") as tmp:

@@ -48,13 +48,14 @@ def run_attempts(cfg: BenchmarkConfig, out: Path, corpus: Path, upstreams: list[
     """Distil and probe every attempt; write attempts.json and attempts.md."""
     fused = next(r for r in main["rows"] if r["name"] == FUSED)
     files = attempt_recipes(cfg, out, corpus, upstreams)
-    main_teacher = load_recipe(out / "recipes" / "fused.yaml").teacher
+    main_recipe = load_recipe(out / "recipes" / "fused.yaml")
     entries = []
     for name, path in files.items():
         run = load_recipe(path)
-        # Attempts that keep the main teacher share its target cache; another teacher gets its own.
-        same = run.teacher == main_teacher
-        targets = out / "targets" / ("fused" if same else f"attempt-{config_hash(dataclasses.asdict(run.teacher))}")
+        # Attempts that keep the main teacher and storage share its target cache; others get their own.
+        key = {"teacher": dataclasses.asdict(run.teacher), "dtype": run.data.targets_cache_dtype}
+        same = key == {"teacher": dataclasses.asdict(main_recipe.teacher), "dtype": main_recipe.data.targets_cache_dtype}
+        targets = out / "targets" / ("fused" if same else f"attempt-{config_hash(key)}")
         finished = [d for folder in ("runs", "sweep") for d in sorted((out / folder).glob("*")) if d.is_dir()]
         student = distil(path, out / "attempts" / name, targets if cfg.distill.cache_targets else None, finished)
         extract, model = student_extractor(student)
