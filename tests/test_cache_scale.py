@@ -194,6 +194,20 @@ def test_int8_cache_is_half_the_size_and_close_to_float16(corpus, one_process, t
         cache_targets(_recipe(corpus), folder, shard_size=SHARD, teacher=_saved_teacher(one_process))
     with pytest.raises(CacheError, match="data.targets_cache_dtype='bf16', expected one of float16, int8"):
         cache_targets(_recipe(corpus), tmp_path / "bad", shard_size=SHARD, dtype="bf16")
+    # The benchmark's --compare gives the same figures for the two real caches.
+    compared = _cache_scale().compare_caches(one_process, folder)
+    every = torch.cat([torch.nn.functional.cosine_similarity(int8.targets(u), fp16.targets(u), dim=-1).flatten() for u in fp16.ids])
+    assert compared["utterances"] == len(fp16.ids) and compared["cosine_min"] == pytest.approx(every.min().item())
+    assert compared["cosine_mean"] == pytest.approx(every.mean().item()) and "(int8)" in compared["other"]
+
+
+def _cache_scale():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cache_scale", ROOT / "benchmarks" / "cache_scale.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
 
 
 def _saved_teacher(cache: Path):
