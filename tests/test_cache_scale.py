@@ -195,16 +195,17 @@ def test_int8_cache_is_half_the_size_and_close_to_float16(corpus, one_process, t
     with pytest.raises(CacheError, match="data.targets_cache_dtype='bf16', expected one of float16, int8"):
         cache_targets(_recipe(corpus), tmp_path / "bad", shard_size=SHARD, dtype="bf16")
     # The benchmark's --compare gives the same figures for the two real caches.
-    compared = _cache_scale().compare_caches(one_process, folder)
+    compared = _benchmark("cache_scale").compare_caches(one_process, folder)
     every = torch.cat([torch.nn.functional.cosine_similarity(int8.targets(u), fp16.targets(u), dim=-1).flatten() for u in fp16.ids])
     assert compared["utterances"] == len(fp16.ids) and compared["cosine_min"] == pytest.approx(every.min().item())
     assert compared["cosine_mean"] == pytest.approx(every.mean().item()) and "(int8)" in compared["other"]
 
 
-def _cache_scale():
+def _benchmark(name: str):
+    """A script of benchmarks/ loaded from its file, as `python benchmarks/NAME.py` would run it."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("cache_scale", ROOT / "benchmarks" / "cache_scale.py")
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", ROOT / "benchmarks" / f"{name}.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     return bench
@@ -257,12 +258,7 @@ def test_training_stops_at_the_first_read_of_a_corrupted_shard(corpus, one_proce
 
 
 def test_storage_benchmark_quick_runs(capsys):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("cache_scale", ROOT / "benchmarks" / "cache_scale.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    result = bench.main(["--quick"])
+    result = _benchmark("cache_scale").main(["--quick"])
     assert "size at K=3, D=768" in capsys.readouterr().out
     # D + 2 bytes a frame vector instead of 2 D: 770 / 1536 of float16, plus shard headers.
     assert 0.49 < result["gb_per_hour"]["int8"] / result["gb_per_hour"]["float16"] < 0.52
@@ -271,12 +267,7 @@ def test_storage_benchmark_quick_runs(capsys):
 
 
 def test_loader_benchmark_quick_runs(capsys):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("loader_bench", ROOT / "benchmarks" / "loader.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    result = bench.main(["--quick"])
+    result = _benchmark("loader").main(["--quick"])
     assert "| 16k FLAC, 0 workers + int8 cache |" in capsys.readouterr().out
     assert set(result["audio_s_per_s"]) == {"16k FLAC, 0 workers", "44k FLAC, 0 workers",
                                             "16k FLAC, 0 workers + float16 cache", "16k FLAC, 0 workers + int8 cache"}

@@ -49,6 +49,7 @@ def run_attempts(cfg: BenchmarkConfig, out: Path, corpus: Path, upstreams: list[
     fused = next(r for r in main["rows"] if r["name"] == FUSED)
     files = attempt_recipes(cfg, out, corpus, upstreams)
     main_recipe = load_recipe(out / "recipes" / "fused.yaml")
+    finished = [d for folder in ("runs", "sweep") for d in sorted((out / folder).glob("*")) if d.is_dir()]
     entries = []
     for name, path in files.items():
         run = load_recipe(path)
@@ -56,7 +57,6 @@ def run_attempts(cfg: BenchmarkConfig, out: Path, corpus: Path, upstreams: list[
         key = {"teacher": dataclasses.asdict(run.teacher), "dtype": run.data.targets_cache_dtype}
         same = key == {"teacher": dataclasses.asdict(main_recipe.teacher), "dtype": main_recipe.data.targets_cache_dtype}
         targets = out / "targets" / ("fused" if same else f"attempt-{config_hash(key)}")
-        finished = [d for folder in ("runs", "sweep") for d in sorted((out / folder).glob("*")) if d.is_dir()]
         student = distil(path, out / "attempts" / name, targets if cfg.distill.cache_targets else None, finished)
         extract, model = student_extractor(student)
         tasks = probe(f"attempt {name}", extract, "weighted_sum", data, cfg)

@@ -64,13 +64,14 @@ def distil(recipe: Path, run_dir: Path, targets: Path | None = None, elsewhere: 
     (`fusion-distill cache-targets`), not at every step: on a CPU the two upstreams' forward is
     about half of a step. Students of the same teacher (the sweep) share one cache.
     """
+    wanted = _resolved(recipe)  # read once, compared with every finished run
     for other in elsewhere:
-        if other != run_dir and (other / "student" / "config.json").exists() and _same_recipe(recipe, other / "recipe.yaml"):
+        if other != run_dir and (other / "student" / "config.json").exists() and _resolved(other / "recipe.yaml") == wanted:
             logger.info("%s: reusing the equal run %s", recipe.name, other)
             return other / "student"
     student = run_dir / "student"
     if (student / "config.json").exists():
-        if _same_recipe(recipe, run_dir / "recipe.yaml"):
+        if _resolved(run_dir / "recipe.yaml") == wanted:
             return student
         # A changed config (more steps, another student) must not silently score the old student.
         logger.info("%s was trained from another recipe than %s: training again", run_dir, recipe)
@@ -86,15 +87,16 @@ def distil(recipe: Path, run_dir: Path, targets: Path | None = None, elsewhere: 
 
 def _same_recipe(recipe: Path, used: Path) -> bool:
     """Whether a finished run used this recipe; where it ran and where its targets came from do not count."""
-    if not used.exists():
-        return False
+    return _resolved(used) == _resolved(recipe)
 
-    def resolved(path: Path) -> dict:
-        body = OmegaConf.to_container(OmegaConf.structured(load_recipe(path)))
-        body["training"].pop("output_dir"), body["data"].pop("targets_cache")
-        return body
 
-    return resolved(recipe) == resolved(used)
+def _resolved(path: Path) -> dict | None:
+    """A recipe as `train` reads it, without its output and cache folders; None when there is no file."""
+    if not path.exists():
+        return None
+    body = OmegaConf.to_container(OmegaConf.structured(load_recipe(path)))
+    body["training"].pop("output_dir"), body["data"].pop("targets_cache")
+    return body
 
 
 def training_summary(run_dir: Path) -> dict:
