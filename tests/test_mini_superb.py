@@ -53,8 +53,25 @@ def test_config_errors_are_one_line(tmp_path):
         load_config(overrides=["corpus.trian=3"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("upstreams: {content: {arch: hubert, task: ctc:phonemes}}\n")
-    with pytest.raises(BenchmarkConfigError, match="must be 'content' and 'speaker'"):
+    with pytest.raises(BenchmarkConfigError, match="expected at least two to fuse"):
         load_config(bad)
+    bad.write_text("upstreams: {content: {arch: hubert, task: ctc:phonemes}, speaker: {arch: wavlm}}\n")
+    with pytest.raises(BenchmarkConfigError, match=r"upstreams\.speaker: expected `pretrained: NAME` or both"):
+        load_config(bad)
+
+
+def test_real_config_fuses_pretrained_whisper_with_the_default_speaker_upstream(tmp_path):
+    from benchmarks.mini_superb.upstreams import upstream_folder
+
+    default, real = load_config(), load_config(REPO / "benchmarks" / "mini_superb" / "real.yaml")
+    assert list(real.upstreams) == ["whisper", "speaker"] and real.upstreams["whisper"].pretrained == "whisper-tiny.en"
+    assert real.corpus == default.corpus and real.upstreams["speaker"] == default.upstreams["speaker"]
+    # The same corpus and speaker config give the same cached folder: the trained upstream is reused.
+    assert upstream_folder(tmp_path, "speaker", real.upstreams["speaker"], "h") == \
+        upstream_folder(tmp_path, "speaker", default.upstreams["speaker"], "h")
+    assert upstream_folder(tmp_path, "whisper", real.upstreams["whisper"], "h") == tmp_path / "whisper-tiny.en"
+    quick = load_config(REPO / "benchmarks" / "mini_superb" / "real.yaml", quick=True)
+    assert quick.upstreams["speaker"].steps == 4 and quick.upstreams["whisper"] == real.upstreams["whisper"]  # real model kept
 
 
 def test_missing_espeak_is_one_clear_line(monkeypatch):
@@ -182,3 +199,37 @@ def test_a_run_from_another_recipe_is_not_reused(tmp_path):
     assert _same_recipe(moved, used)  # only the output folder differs
     assert not _same_recipe(changed, used)
     assert not _same_recipe(used, tmp_path / "missing.yaml")
+
+
+def test_probe_rows_share_one_teacher_run_and_equal_the_single_upstream_teacher():
+    """The benchmark's probe rows reuse one fused run per batch; an upstream row must still be
+    exactly what `single_upstream_teacher` gives (sliced when its layer count is the aligned one,
+    run alone when it is interpolated)."""
+    import torch
+    from distill.build import single_upstream_teacher
+    from distill.probe import teacher_extractor
+    from teachers import FusedTeacher
+    from tests.conftest import make_wave, tiny_config
+
+    from benchmarks.mini_superb.stages import teacher_rows
+
+    teacher = FusedTeacher.from_config({"upstreams": [tiny_config("wavlm"), tiny_config("whisper"),
+                                                      tiny_config("hubert", num_hidden_layers=1)],
+                                        "fusion": "chconv", "projection_dim": 16, "projection_fit": "pca"})
+    waves = [make_wave(1.0, seed=0), make_wave(0.7, seed=1)]
+    teacher.fit_pca(waves)
+    batch, lengths = torch.zeros(2, 16000), torch.tensor([16000, 11200])
+    for i, w in enumerate(waves):
+        batch[i, : w.numel()] = w
+    rows = {name: extract for name, _, _, extract, _ in teacher_rows(teacher, None, ["a", "b", "c"])}
+    calls = []
+    original = teacher.features
+    teacher.features = lambda *a, **k: calls.append(1) or original(*a, **k)
+    for i, name in enumerate(["a", "b", "c"]):
+        got, frames = rows[f"upstream: {name}"](batch, lengths)
+        want, want_frames = teacher_extractor(single_upstream_teacher(teacher, i), project=False)(batch, lengths)
+        assert torch.equal(frames, want_frames) and torch.allclose(got, want, atol=1e-6), name
+    projected, _ = rows["fused teacher: CHConv-PCA"](batch, lengths)
+    concat, _ = rows["fused: concat + WS"](batch, lengths)
+    assert torch.allclose(projected, teacher.project(concat), atol=1e-6)
+    assert len(calls) == 1  # every view of this batch came from one teacher run

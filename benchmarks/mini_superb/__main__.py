@@ -32,25 +32,30 @@ from .recipes import recipe, write_recipe
 from .report import criteria, markdown, mean_value, plot
 from .sweep import run_sweep
 from .stages import distil, finetune_ctc, finetune_data, training_summary, fit_supervised, latency, probe, probe_data, student_extractor, teacher_rows
-from .upstreams import train_upstream, upstream_folder
+from .upstreams import pretrained_upstream, train_upstream, upstream_folder
 
 logger = logging.getLogger("mini_superb")
-TEACHERS = ("fused", "content", "speaker")  # student runs: the fused teacher, then each upstream alone
+
+
+def teachers(cfg: BenchmarkConfig) -> tuple[str, ...]:
+    """Student runs: the fused teacher (every upstream, in config order), then each upstream alone."""
+    return ("fused", *cfg.upstreams)
 
 
 def prepare(cfg: BenchmarkConfig, cache_dir: Path) -> tuple[Path, dict, dict, dict[str, list[Path]]]:
-    """The corpus and the two trained upstreams (built once, cached by config hash); the
-    upstream folders each student's teacher uses."""
+    """The corpus and the upstreams (trained here or real pretrained weights; built once, cached
+    by config hash); the upstream folders each student's teacher uses."""
     corpus = cache_dir / f"corpus-{config_hash(cfg.corpus)}"
     corpus_info = build_corpus(cfg.corpus, corpus)
     folders = {n: upstream_folder(cache_dir / "upstreams", n, u, corpus_info["hash"]) for n, u in cfg.upstreams.items()}
-    reports = {n: train_upstream(n, cfg.upstreams[n], corpus, folders[n]) for n in ("content", "speaker")}
-    sources = {"fused": [folders["content"], folders["speaker"]], "content": [folders["content"]], "speaker": [folders["speaker"]]}
+    reports = {n: pretrained_upstream(n, u, folders[n]) if u.pretrained else train_upstream(n, u, corpus, folders[n])
+               for n, u in cfg.upstreams.items()}
+    sources = {"fused": list(folders.values()), **{n: [f] for n, f in folders.items()}}
     return corpus, corpus_info, reports, sources
 
 
 def target_caches(cfg: BenchmarkConfig, out: Path) -> dict[str, Path | None]:
-    return {n: out / "targets" / n if cfg.distill.cache_targets else None for n in TEACHERS}
+    return {n: out / "targets" / n if cfg.distill.cache_targets else None for n in teachers(cfg)}
 
 
 def on_top(cfg: BenchmarkConfig, out: Path, cache_dir: Path, sweep: bool, attempts: bool) -> None:
@@ -76,9 +81,10 @@ def run(cfg: BenchmarkConfig, out: Path, cache_dir: Path, finetune: bool = True,
 
     corpus, corpus_info, upstream_reports, sources = prepare(cfg, cache_dir)
     lap("corpus_and_upstreams")
-    recipes = {n: write_recipe(recipe(cfg, corpus, sources[n], out / "runs" / n), out / "recipes" / f"{n}.yaml") for n in TEACHERS}
+    recipes = {n: write_recipe(recipe(cfg, corpus, sources[n], out / "runs" / n), out / "recipes" / f"{n}.yaml")
+               for n in teachers(cfg)}
     targets = target_caches(cfg, out)
-    students = {n: distil(recipes[n], out / "runs" / n, targets[n]) for n in TEACHERS}
+    students = {n: distil(recipes[n], out / "runs" / n, targets[n]) for n in teachers(cfg)}
     lap("distil")
     supervised_dir = None
     if supervised:
@@ -88,12 +94,12 @@ def run(cfg: BenchmarkConfig, out: Path, cache_dir: Path, finetune: bool = True,
 
     rows, costed = [], {}
     fused_teacher = _fused_teacher(out)
-    views = teacher_rows(fused_teacher, supervised_dir)
+    views = teacher_rows(fused_teacher, supervised_dir, list(cfg.upstreams))
     data = probe_data(cfg, corpus, fused_teacher.min_samples)
     for name, group, interface, extract, module in views:
         rows.append({"name": name, "group": group, "interface": interface, "tasks": probe(name, extract, interface, data, cfg)})
         costed.setdefault(module, (name, "upstream" if group == "upstream" else "fused"))
-    for n in TEACHERS:
+    for n in teachers(cfg):
         extract, model = student_extractor(students[n])
         name = "student of fused teacher" if n == "fused" else f"student of {n} upstream"
         rows.append({"name": name, "group": "student", "interface": "weighted_sum", "teacher": n,

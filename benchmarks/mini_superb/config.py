@@ -51,10 +51,12 @@ class CorpusConfig:
 
 @dataclass
 class UpstreamConfig:
-    """A tiny transformers encoder trained on one task; saved with save_pretrained."""
+    """A tiny transformers encoder trained on one task and saved with save_pretrained, or a real
+    pretrained model (`pretrained`: a name of benchmarks.pretrained_whisper.KNOWN_MODELS)."""
 
-    arch: str  # hubert | wavlm | wav2vec2
-    task: str  # ctc:COLUMN | classification:COLUMN
+    arch: str = ""  # hubert | wavlm | wav2vec2 (trained upstreams)
+    task: str = ""  # ctc:COLUMN | classification:COLUMN (trained upstreams)
+    pretrained: Optional[str] = None  # e.g. whisper-tiny.en: real weights, frozen, not trained here
     hidden_size: int = 128
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
@@ -154,12 +156,6 @@ class BenchmarkConfig:
 # The same path on a tiny corpus: checks the plumbing and the files, not the scores.
 QUICK_OVERRIDES = [
     "corpus.train=48", "corpus.dev=12", "corpus.test=16", "corpus.words_per_sentence=[2,4]",
-    "upstreams.content.steps=4", "upstreams.speaker.steps=4", "upstreams.content.warmup_steps=1",
-    "upstreams.speaker.warmup_steps=1", "upstreams.content.hidden_size=32", "upstreams.speaker.hidden_size=32",
-    "upstreams.content.conv_channels=16", "upstreams.speaker.conv_channels=16",
-    "upstreams.content.num_hidden_layers=2", "upstreams.speaker.num_hidden_layers=2",
-    "upstreams.content.intermediate_size=64", "upstreams.speaker.intermediate_size=64",
-    "upstreams.content.num_attention_heads=2", "upstreams.speaker.num_attention_heads=2",
     "teacher.projection_dim=16", "teacher.target_layers=[1,2]", "teacher.pca_max_utterances=16",
     "teacher.supervised_steps=4",
     "student.hidden_size=16", "student.num_hidden_layers=2", "student.intermediate_size=32", "student.conv_channels=16",
@@ -170,6 +166,9 @@ QUICK_OVERRIDES = [
     "attempts.steps=2", "attempts.variants={lr: {training.learning_rate: 0.002}}",
     "sweep.sizes={xs: {hidden_size: 8, num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 16, conv_channels: 8}}",
 ]
+# ... and for every upstream trained here (pretrained ones keep their real size).
+QUICK_UPSTREAM = ["steps=4", "warmup_steps=1", "hidden_size=32", "conv_channels=16", "num_hidden_layers=2",
+                  "intermediate_size=64", "num_attention_heads=2"]
 
 
 
@@ -185,7 +184,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         merged = OmegaConf.merge(OmegaConf.structured(BenchmarkConfig), OmegaConf.load(path))
     except OmegaConfBaseException as err:
         raise BenchmarkConfigError(f"{path}:{_key(err)} {str(err).splitlines()[0]}") from None
-    for item in (QUICK_OVERRIDES if quick else []) + list(overrides or []):
+    quick_items = QUICK_OVERRIDES + [f"upstreams.{name}.{item}" for name, u in merged.upstreams.items()
+                                     if not u.pretrained for item in QUICK_UPSTREAM]
+    for item in (quick_items if quick else []) + list(overrides or []):
         key, sep, value = item.partition("=")
         if not sep:
             raise BenchmarkConfigError(f"override {item!r}: expected KEY=VALUE")
@@ -197,8 +198,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except (OmegaConfBaseException, yaml.YAMLError) as err:
             raise BenchmarkConfigError(f"override {item!r}:{_key(err)} {str(err).splitlines()[0]}") from None
     cfg: BenchmarkConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    if set(cfg.upstreams) != {"content", "speaker"}:
-        raise BenchmarkConfigError(f"{path}: upstreams must be 'content' and 'speaker', got {sorted(cfg.upstreams)}")
+    if len(cfg.upstreams) < 2:
+        raise BenchmarkConfigError(f"{path}: upstreams: expected at least two to fuse, got {sorted(cfg.upstreams)}")
+    for name, u in cfg.upstreams.items():
+        if not u.pretrained and not (u.arch and u.task):
+            raise BenchmarkConfigError(f"{path}: upstreams.{name}: expected `pretrained: NAME` or both `arch` and `task`")
+        if name == "fused":
+            raise BenchmarkConfigError(f"{path}: upstreams.fused: the name is taken by the fused teacher's student")
     if not cfg.corpus.speakers or not cfg.corpus.styles or not cfg.corpus.languages:
         raise BenchmarkConfigError(f"{path}: corpus.speakers, corpus.styles and corpus.languages must not be empty")
     return cfg

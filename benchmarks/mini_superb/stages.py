@@ -26,7 +26,7 @@ from transformers import AutoModel, AutoModelForCTC, Wav2Vec2FeatureExtractor, g
 
 from distill.build import single_upstream_teacher
 from distill.config import DataConfig, load_recipe
-from distill.cost import audio_encoder_job, fused_teacher_job, measure_jobs, student_job
+from distill.cost import audio_encoder_job, fused_teacher_job, measure_jobs, student_job, whisper_encoder_job
 from distill.data import load_audio_dataset, make_eval_batches
 from distill.metrics import ctc_greedy, error_rate
 from distill.probe import ProbeTask, hf_encoder_extractor, run_probes, teacher_extractor
@@ -164,24 +164,63 @@ def _with_error(result: dict) -> dict:
     return {**result, "value": value, "stderr": math.sqrt(max(value * (1 - value), 0.0) / n)}
 
 
-def teacher_rows(teacher: FusedTeacher, supervised: Path | None) -> list[tuple[str, str, str, Callable, Any]]:
-    """(row name, group, interface, extractor, costed module) for every upstream and fused view."""
-    rows = []
-    for i, name in enumerate(["content", "speaker"]):
-        single = single_upstream_teacher(teacher, i)
-        rows.append((f"upstream: {name}", "upstream", "weighted_sum", teacher_extractor(single, project=False),
+def teacher_rows(teacher: FusedTeacher, supervised: Path | None, names: Sequence[str]) -> list[tuple[str, str, str, Callable, Any]]:
+    """(row name, group, interface, extractor, costed module) for every upstream and fused view.
+
+    The four fused views share one run of the teacher per batch (`_shared_features`): with a real
+    Whisper upstream, its 30 s window is most of a probe's time on a CPU.
+    """
+    rows, features = [], _shared_features(teacher)
+    for i, name in enumerate(names):
+        rows.append((f"upstream: {name}", "upstream", "weighted_sum", _upstream_features(teacher, i, features),
                      teacher.upstreams[i].model))
-    concat = teacher_extractor(teacher, project=False)
+    concat = lambda w, n: features(w, n)  # noqa: E731  (the aligned, normalised concatenation)
+    projected = lambda w, n: _projected(teacher, *features(w, n))  # noqa: E731
     rows += [
         ("fused: concat + WS", "fused", "weighted_sum", concat, teacher),
         ("fused: concat + HConv", "fused", "hconv", concat, teacher),
-        ("fused teacher: CHConv-PCA", "fused", "weighted_sum", teacher_extractor(teacher), teacher),
-        ("fused: CHConv-PCA + HConv", "fused", "hconv", teacher_extractor(teacher), teacher),
+        ("fused teacher: CHConv-PCA", "fused", "weighted_sum", projected, teacher),
+        ("fused: CHConv-PCA + HConv", "fused", "hconv", projected, teacher),
     ]
     if supervised is not None:
         rows.append(("fused: CHConv supervised (PR) + HConv", "fused", "hconv",
                      teacher_extractor(FusedTeacher.from_pretrained(supervised)), teacher))
     return rows
+
+
+def _shared_features(teacher: FusedTeacher) -> Callable:
+    """`teacher_extractor(teacher, project=False)`, computed once per batch tensor (probe batches
+    are materialised once and handed to every row)."""
+    extract, seen = teacher_extractor(teacher, project=False), {}
+
+    def features(waveforms: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (id(waveforms), waveforms.data_ptr(), tuple(waveforms.shape), tuple(lengths.tolist()))
+        if key not in seen:
+            seen[key] = (waveforms, extract(waveforms, lengths))  # keeps the tensor alive: its id stays unique
+        return seen[key][1]
+
+    return features
+
+
+def _upstream_features(teacher: FusedTeacher, index: int, shared: Callable) -> Callable:
+    """Upstream `index` alone as `single_upstream_teacher(teacher, index)` gives it. When the
+    upstream has the aligned layer count, that is exactly its slice of the fused concatenation
+    (the same frame alignment and per-upstream normalisation, no layer interpolation): taken from
+    the shared run instead of running the model again."""
+    if teacher.upstreams[index].num_layers + 1 != teacher.num_aligned_layers:
+        return teacher_extractor(single_upstream_teacher(teacher, index), project=False)
+    start = sum(teacher.dims[:index])
+
+    def extract(waveforms: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features, frames = shared(waveforms, lengths)
+        return features[..., start : start + teacher.dims[index]], frames
+
+    return extract
+
+
+def _projected(teacher: FusedTeacher, features: torch.Tensor, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        return teacher.project(features), frames
 
 
 def student_extractor(folder: Path) -> tuple[Callable, torch.nn.Module]:
@@ -277,6 +316,12 @@ def latency(models: dict[str, tuple[str, torch.nn.Module]], seconds: float = 10.
     """Params and median CPU latency on `seconds` of audio, all models in interleaved rounds."""
     wave = 0.1 * torch.randn(int(seconds * 16000), generator=torch.Generator().manual_seed(0))
     builders = {"student": student_job, "upstream": audio_encoder_job, "fused": fused_teacher_job}
-    jobs = [builders[kind](name, module, wave) for name, (kind, module) in models.items()]
+    jobs = []
+    for name, (kind, module) in models.items():
+        if kind == "upstream" and getattr(module.config, "model_type", None) == "whisper":
+            # Its real cost: the 30 s window it must run whatever the audio's length, log-mel included.
+            jobs.append(whisper_encoder_job(name, module, wave, include_log_mel=True))
+        else:
+            jobs.append(builders[kind](name, module, wave))
     costs = measure_jobs(jobs, repeats=repeats, threads=2)
     return {c.name: {"params": c.params, "latency_ms": c.latency_ms_median, "gflops": c.gflops} for c in costs}

@@ -62,7 +62,22 @@ def encoder_config(cfg: UpstreamConfig):
 
 
 def upstream_folder(cache_dir: Path, name: str, cfg: UpstreamConfig, corpus_hash: str) -> Path:
-    return Path(cache_dir) / f"{name}-{config_hash({'upstream': asdict(cfg), 'corpus': corpus_hash})}"
+    if cfg.pretrained:  # real weights do not depend on the corpus
+        return Path(cache_dir) / cfg.pretrained
+    spec = {k: v for k, v in asdict(cfg).items() if k != "pretrained"}  # the hash trained folders always had
+    return Path(cache_dir) / f"{name}-{config_hash({'upstream': spec, 'corpus': corpus_hash})}"
+
+
+def pretrained_upstream(name: str, cfg: UpstreamConfig, folder: Path) -> dict:
+    """Write (or reuse) the folder of a real pretrained upstream; returns its report."""
+    from benchmarks.pretrained_whisper import KNOWN_MODELS, write_whisper_folder
+
+    if not (folder / "model.safetensors").exists():
+        write_whisper_folder(cfg.pretrained, folder)
+        logger.info("upstream %s: real %s weights written to %s", name, cfg.pretrained, folder)
+    params = AutoConfig.from_pretrained(folder)
+    return {"pretrained": cfg.pretrained, "hub_id": KNOWN_MODELS[cfg.pretrained].hub_id,
+            "encoder_layers": params.encoder_layers, "d_model": params.d_model}
 
 
 def train_upstream(name: str, cfg: UpstreamConfig, corpus: Path, folder: Path, seed: int = 0) -> dict:
