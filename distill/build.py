@@ -74,6 +74,8 @@ def teacher_config_diffs(saved: dict, recipe: TeacherConfig) -> list[str]:
     # Teachers saved before the option existed were plain PCA.
     if recipe.projection_fit == "pca" and recipe.projection_balance != saved.get("projection_balance", "none"):
         diffs.append("projection_balance")
+    if recipe.position_reference != saved.get("position_reference", "none"):
+        diffs.append("position_reference")
     return diffs
 
 
@@ -154,12 +156,14 @@ def single_upstream_teacher(teacher: FusedTeacher, index: int, fit: bool = False
     upstream, spec = teacher.upstreams[index], teacher.specs[index]
     if not fit:
         return FusedTeacher([upstream], specs=[spec], fusion="weighted_sum", projection_dim=None,
-                            projection_fit="none", target_mode="concat", normalize=teacher.normalize)
+                            projection_fit="none", target_mode="concat", normalize=teacher.normalize,
+                            position_reference=teacher.position_reference)
     projection_dim = teacher.projection_dim
     if teacher.target_mode == "chconv" and projection_dim:
         projection_dim = min(int(projection_dim), upstream.hidden_size)
     return FusedTeacher([upstream], specs=[spec], fusion=teacher.fusion, projection_dim=projection_dim,
-                        projection_fit="supervised", normalize=teacher.normalize, target_mode=teacher.target_mode)
+                        projection_fit="supervised", normalize=teacher.normalize, target_mode=teacher.target_mode,
+                        position_reference=teacher.position_reference)
 
 
 def upstream_names(teacher: FusedTeacher) -> list[str]:

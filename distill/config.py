@@ -52,6 +52,10 @@ class TeacherConfig:
     # widely spread variance can be squeezed out); equal_variance: every upstream scaled to the
     # same total variance first; split: each upstream its own PCA on an equal share of projection_dim.
     projection_balance: str = "none"
+    # silence: Whisper upstreams subtract their response to a silent window at every layer and
+    # frame, removing most of what their features owe to absolute position in the 30 s window,
+    # which a student trained on crops cannot see (teachers/upstream.py WhisperUpstream).
+    position_reference: str = "none"
 
 
 @dataclass
@@ -191,6 +195,7 @@ _CHOICES = {
     ("teacher", "projection_fit"): ("pca", "supervised", "none"),
     ("teacher", "target_mode"): ("chconv", "concat", "average"),
     ("teacher", "projection_balance"): ("none", "equal_variance", "split"),
+    ("teacher", "position_reference"): ("none", "silence"),
     ("teacher", "dtype"): ("float32", "bfloat16"),
     ("student", "arch"): ("hubert", "wavlm", "wav2vec2"),
     ("student", "head_mode"): ("predict", "layer_to_layer"),

@@ -35,7 +35,7 @@ from .align import WAV2VEC_RECEPTIVE_FIELD, align_frames, align_layers
 from .inputs import FrameSpec, Waveforms, as_waveform_list, frame_mask, iter_batches, resolve_frame_counts
 from .interfaces import HConv, WeightedSum
 from .pca import BALANCES, LOW_RETENTION, CovarianceAccumulator, retained_variance
-from .upstream import SAMPLING_RATE, Upstream, UpstreamOutput, load_upstream, resolve_dtype
+from .upstream import SAMPLING_RATE, Upstream, UpstreamOutput, WhisperUpstream, load_upstream, resolve_dtype
 
 __all__ = ["canonical_spec", "read_saved_config", "FusedTeacher", "TeacherOutput", "CONFIG_NAME", "WEIGHTS_NAME"]
 
@@ -48,10 +48,12 @@ _CHOICES = {
     "projection_fit": ("pca", "supervised", "none"),
     "target_mode": ("chconv", "concat", "average"),
     "projection_balance": BALANCES,
+    "position_reference": ("none", "silence"),
 }
 _DEFAULTS = dict(
     fusion="chconv", projection_dim=768, projection_fit="pca", target_layers=None, normalize=True,
     dtype="float32", target_mode="chconv", include_interface_output=False, projection_balance="none",
+    position_reference="none",
 )
 _RECIPE_ONLY = ("pretrained", "pca_max_utterances")  # recipe keys that are not teacher structure
 # Keys that define what the saved fusion weights mean; a pretrained folder must agree on them.
@@ -97,8 +99,18 @@ class FusedTeacher(nn.Module):
         include_interface_output: bool = False,
         specs: Optional[Sequence[Any]] = None,
         projection_balance: str = "none",
+        position_reference: str = "none",
     ):
         super().__init__()
+        if position_reference not in _CHOICES["position_reference"]:
+            raise ValueError(f"FusedTeacher: position_reference={position_reference!r}, expected one of none, silence")
+        # silence: Whisper upstreams subtract their silent-window response (WhisperUpstream), so
+        # targets do not depend on where an utterance sits in the 30 s window; others have no
+        # absolute positions and are unchanged.
+        self.position_reference = position_reference
+        for upstream in upstreams:
+            if isinstance(upstream, WhisperUpstream):
+                upstream.subtract_silence = position_reference == "silence"
         _check_settings(fusion, projection_fit, target_mode, include_interface_output, projection_balance)
         self.upstreams = nn.ModuleList(upstreams)
         self.specs = [canonical_spec(s) for s in specs] if specs is not None else [u.name for u in upstreams]
@@ -199,6 +211,8 @@ class FusedTeacher(nn.Module):
             "target_mode": self.target_mode,
             "include_interface_output": self.include_interface_output,
             "projection_balance": self.projection_balance,
+            # Only when set: teachers saved (and target caches hashed) before the option existed keep their hash.
+            **({"position_reference": self.position_reference} if self.position_reference != "none" else {}),
         }
 
     def fusion_state_dict(self) -> dict[str, torch.Tensor]:
