@@ -168,11 +168,21 @@ def test_quick_benchmark_runs_end_to_end(tmp_path):
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     attempts = json.loads((out / "attempts.json").read_text())
-    assert [e["name"] for e in attempts["entries"]] == ["no-override", "lr"]
+    assert [e["name"] for e in attempts["entries"]] == ["no-override", "lr", "split"]
     assert "reusing the equal run" in done.stderr and not (out / "attempts" / "no-override").exists()
     lr = attempts["entries"][1]
     assert lr["overrides"] == {"training.learning_rate": 0.002} and (out / "attempts" / "lr" / "student" / "config.json").exists()
     assert set(lr["retention"]) == set(fused_student["tasks"]) and "| lr |" in (out / "attempts.md").read_text()
+    # An attempt with another teacher gets its own target cache, and its teacher is probed too.
+    split = attempts["entries"][2]
+    assert "retention_of_own_teacher" not in lr and set(split["retention_of_own_teacher"]) == set(fused_student["tasks"])
+    for task, kept in split["retention_of_own_teacher"].items():
+        own = split["teacher_tasks"][task]["value"]
+        assert kept is None if own < 0.01 else kept == pytest.approx(split["tasks"][task]["value"] / own)
+    assert any(p.name.startswith("attempt-") for p in (out / "targets").iterdir())
+    assert "against their own" in (out / "attempts.md").read_text()
+    # Teacher probes are kept by teacher hash: a rerun reuses them instead of running the teacher again.
+    assert (out / "probes" / "attempt_split_teacher.json").exists() and (out / "probes" / "fused_teacher_CHConv_PCA_weighted_sum.json").exists()
 
 
 def test_attempt_with_an_unknown_recipe_key_fails_before_training(tmp_path):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -92,13 +93,9 @@ def run(cfg: BenchmarkConfig, out: Path, cache_dir: Path, finetune: bool = True,
                                         cfg.probe.train_items)
         lap("fit_teacher")
 
-    rows, costed = [], {}
     fused_teacher = _fused_teacher(out)
-    views = teacher_rows(fused_teacher, supervised_dir, list(cfg.upstreams))
     data = probe_data(cfg, corpus, fused_teacher.min_samples)
-    for name, group, interface, extract, module in views:
-        rows.append({"name": name, "group": group, "interface": interface, "tasks": probe(name, extract, interface, data, cfg)})
-        costed.setdefault(module, (name, "upstream" if group == "upstream" else "fused"))
+    rows, costed = probe_teachers(cfg, out, fused_teacher, supervised_dir, data)
     for n in teachers(cfg):
         extract, model = student_extractor(students[n])
         name = "student of fused teacher" if n == "fused" else f"student of {n} upstream"
@@ -136,6 +133,19 @@ def run(cfg: BenchmarkConfig, out: Path, cache_dir: Path, finetune: bool = True,
         run_sweep(cfg, out, corpus, sources, targets, result, data)
         logger.info("wrote %s, sweep.md and sweep_size.png / sweep_steps.png", out / "sweep.json")
     return result
+
+
+def probe_teachers(cfg: BenchmarkConfig, out: Path, fused_teacher, supervised_dir: Path | None, data: tuple) -> tuple[list[dict], dict]:
+    """Probe rows of every upstream and fused view (scores kept in OUT/probes/ by the teacher's
+    config hash), and the modules to cost."""
+    rows, costed = [], {}
+    identity = fused_teacher.config_hash()
+    for name, group, interface, extract, module in teacher_rows(fused_teacher, supervised_dir, list(cfg.upstreams)):
+        cache = out / "probes" / f"{re.sub(r'[^A-Za-z0-9]+', '_', name).strip('_')}_{interface}.json"
+        rows.append({"name": name, "group": group, "interface": interface,
+                     "tasks": probe(name, extract, interface, data, cfg, cache, identity)})
+        costed.setdefault(module, (name, "upstream" if group == "upstream" else "fused"))
+    return rows, costed
 
 
 def _fused_teacher(out: Path):

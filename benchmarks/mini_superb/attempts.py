@@ -19,6 +19,8 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from distill.config import load_recipe
+from distill.probe import teacher_extractor
+from teachers import FusedTeacher
 
 from .config import BenchmarkConfig, config_hash
 from .recipes import recipe, write_recipe
@@ -60,12 +62,19 @@ def run_attempts(cfg: BenchmarkConfig, out: Path, corpus: Path, upstreams: list[
         student = distil(path, out / "attempts" / name, targets if cfg.distill.cache_targets else None, finished)
         extract, model = student_extractor(student)
         tasks = probe(f"attempt {name}", extract, "weighted_sum", data, cfg)
-        entries.append({
+        entry = {
             "name": name, "overrides": cfg.attempts.variants.get(name, {}), "steps": run.training.max_steps,
             "params": sum(p.numel() for p in model.parameters()), "tasks": tasks,
             "retention": {t: retention_of(tasks[t], fused["tasks"][t]) for t in tasks},
             "mean_value": mean_value({"tasks": tasks}), "training": training_summary(student.parent),
-        })
+        }
+        if not same:  # another teacher: probe it too, so the student is also judged against what it learned from
+            teacher = FusedTeacher.from_pretrained(student.parent / "teacher")
+            own = probe(f"attempt {name}: its teacher", teacher_extractor(teacher), "weighted_sum", data, cfg,
+                        out / "probes" / f"attempt_{name}_teacher.json", teacher.config_hash())
+            entry["teacher_tasks"] = own
+            entry["retention_of_own_teacher"] = {t: retention_of(tasks[t], own[t]) for t in tasks}
+        entries.append(entry)
         _write(entries, out)  # after each attempt: a stopped run keeps what it measured
     logger.info("wrote %s and attempts.md", out / "attempts.json")
     return {"reference": FUSED, "entries": entries}
@@ -88,4 +97,13 @@ def attempts_markdown(entries: list[dict[str, Any]]) -> str:
         lines.append("| " + " | ".join([e["name"], overrides, str(e["steps"]), f"{e['params'] / 1e6:.2f}",
                                         *[percent(e["retention"][t]) for t in tasks], f"{e['mean_value']:.3f}",
                                         "yes" if passes else "no", verdict]) + " |")
-    return "Retention = student score / fused-teacher score, per task.\n\n" + "\n".join(lines) + "\n"
+    text = "Retention = student score / fused-teacher score, per task.\n\n" + "\n".join(lines) + "\n"
+    own = [e for e in entries if "retention_of_own_teacher" in e]
+    if own:  # attempts that change the teacher: their teacher probed too
+        text += "\nAttempts with another teacher, against the main fused teacher and against their own:\n\n"
+        text += "| attempt | " + " | ".join(f"teacher {SHORT.get(t, t)}" for t in tasks) + " | " + \
+            " | ".join(f"kept of own {SHORT.get(t, t)}" for t in tasks) + " |\n|" + "---|" * (1 + 2 * len(tasks)) + "\n"
+        for e in own:
+            text += "| " + " | ".join([e["name"], *[f"{e['teacher_tasks'][t]['value']:.3f}" for t in tasks],
+                                       *[percent(e["retention_of_own_teacher"][t]) for t in tasks]]) + " |\n"
+    return text

@@ -163,7 +163,7 @@ QUICK_OVERRIDES = [
     "probe.steps=4", "probe.train_items=24", "probe.test_items=16",
     "finetune.steps=4", "finetune.train_items=16",
     "sweep.steps=[2]", "sweep.teachers=[fused]",
-    "attempts.steps=2", "attempts.variants={lr: {training.learning_rate: 0.002}}",
+    "attempts.steps=2", "attempts.variants={lr: {training.learning_rate: 0.002}, split: {teacher.projection_balance: split}}",
     "sweep.sizes={xs: {hidden_size: 8, num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 16, conv_channels: 8}}",
 ]
 # ... and for every upstream trained here (pretrained ones keep their real size).

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import math
 import os
@@ -143,16 +145,33 @@ def probe_data(cfg: BenchmarkConfig, corpus: Path, min_samples: int) -> tuple[li
     return train, test, tasks
 
 
-def probe(name: str, extract: Callable, interface: str, data: tuple, cfg: BenchmarkConfig) -> dict[str, dict]:
-    """Every task on one model, one shared feature cache; scores with standard errors."""
+def probe(name: str, extract: Callable, interface: str, data: tuple, cfg: BenchmarkConfig,
+          cache: Path | None = None, identity: str = "") -> dict[str, dict]:
+    """Every task on one model, one shared feature cache; scores with standard errors.
+
+    cache: a JSON file that keeps the scores, reused while `identity` (what the model is, e.g. a
+    teacher's config hash), the interface and the probe settings are the same. A real Whisper
+    teacher's probe costs minutes on a CPU; a rerun (or a process started earlier) need not pay twice.
+    """
     train, test, tasks = data
     p = cfg.probe
+    key = {"name": name, "identity": identity, "interface": interface, "probe": dataclasses.asdict(p),
+           "tasks": [t.name for t in tasks], "items": [len(train), len(test)]}
+    if cache is not None and cache.exists():
+        stored = json.loads(cache.read_text())
+        if stored["key"] == key:
+            logger.info("probed %-34s reused from %s", name, cache)
+            return stored["tasks"]
     start = time.perf_counter()
     results = run_probes(extract, train, test, tasks, interface=interface, steps=p.steps, learning_rate=p.learning_rate,
                          seed=0, batch_size=p.batch_size)
     logger.info("probed %-34s %s (%.0f s)", name, "  ".join(f"{k}={r.score:.3f}" for k, r in results.items()),
                 time.perf_counter() - start)
-    return {task: _with_error(r.to_dict()) for task, r in results.items()}
+    scores = {task: _with_error(r.to_dict()) for task, r in results.items()}
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps({"key": key, "tasks": scores}, indent=1) + "\n")
+    return scores
 
 
 def _with_error(result: dict) -> dict:
