@@ -34,7 +34,7 @@ from .build import pca_waveforms, upstream_names
 from .config import RecipeConfig
 from .data import load_audio_dataset
 
-__all__ = ["compare_upstreams", "complementarity_of", "format_complementarity", "REPORT_NAME"]
+__all__ = ["compare_upstreams", "complementarity_of", "format_complementarity", "write_report", "plot_pair", "REPORT_NAME"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,10 +60,15 @@ def compare_upstreams(cfg: RecipeConfig, out_dir: Optional[str | Path] = None, m
     report = complementarity_of(teacher, waves, max_frames=max_frames, max_memory_mb=max_memory_mb,
                                 batch_size=batch_size, ridge=ridge, seed=seed, sampling_rate=cfg.data.sampling_rate)
     out = Path(out_dir) if out_dir else Path(cfg.training.output_dir) / "complementarity"
+    return write_report(report, out, seconds=round(time.perf_counter() - start, 1))
+
+
+def write_report(report: ComplementarityReport, out: Path, **extra) -> dict:
+    """OUT/complementarity.json (the report, `out_dir` and `extra`) and one heatmap PNG per pair."""
     out.mkdir(parents=True, exist_ok=True)
     for pair in report.pairs:
-        pair.heatmap = _plot_pair(pair, out / f"{_slug(pair.a)}__{_slug(pair.b)}.png")
-    result = {**report.to_dict(), "out_dir": str(out), "seconds": round(time.perf_counter() - start, 1)}
+        pair.heatmap = plot_pair(pair, out / f"{_slug(pair.a)}__{_slug(pair.b)}.png")
+    result = {**report.to_dict(), "out_dir": str(out), **extra}
     (out / REPORT_NAME).write_text(json.dumps(result, indent=2) + "\n")
     return result
 
@@ -127,17 +132,19 @@ def format_complementarity(result: dict) -> str:
                      f"({settings['projection_balance']} balance, {settings['projection_dim']} dims) fitted on these frames keeps")
     lines += ["", *(u["sentence"] for u in result["upstreams"])]
     lines.append(f"most complementary pair: {result['pairs'][0]['a']} + {result['pairs'][0]['b']}")
-    lines.append(f"report: {Path(result['out_dir']) / REPORT_NAME} ({result['seconds']:.0f} s)")
+    seconds = f" ({result['seconds']:.0f} s)" if "seconds" in result else ""
+    lines.append(f"report: {Path(result['out_dir']) / REPORT_NAME}{seconds}")
     return "\n".join(lines)
 
 
-def _plot_pair(pair: PairReport, path: Path) -> Optional[str]:
+def plot_pair(pair: PairReport, path: Path) -> Optional[str]:
+    """CKA and R² both ways as three heatmaps in one PNG; None (and a logged note) without matplotlib."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
         logger.warning("matplotlib is not installed: skipping %s (pip install 'fusion-distill[plots]')", path.name)
         return None
-    panels = [(pair.cka, f"linear CKA", f"{pair.a} layer", f"{pair.b} layer"),
+    panels = [(pair.cka, "linear CKA", f"{pair.a} layer", f"{pair.b} layer"),
               (pair.r2_a_to_b, f"R² of {pair.b} from {pair.a}", f"{pair.a} layer (source)", f"{pair.b} layer (target)"),
               (pair.r2_b_to_a, f"R² of {pair.a} from {pair.b}", f"{pair.b} layer (source)", f"{pair.a} layer (target)")]
     fig = Figure(figsize=(13, 4), layout="constrained")

@@ -17,8 +17,8 @@ number of upstreams squared.
   scored on the other, then the other way round (two folds, squared errors pooled). R² is the
   share of B's layer variance (summed over features) that A's layer predicts on held-out
   utterances. The ridge is `ridge` times the mean variance of A's features.
-- Summaries: "B from A" = the mean over B's layers of the best R² from any layer of A; what B
-  adds beyond A = 1 - that. A pair's complementarity is the smaller of what each adds beyond
+- Summaries: "B from A" = the mean over B's layers of the best R² from any layer of A (at least
+  0); what B adds beyond A = 1 - that. A pair's complementarity is the smaller of what each adds beyond
   the other: fusing A and B gains over either alone only when both add something.
 """
 
@@ -209,7 +209,8 @@ def compare(sample: FrameSample, names: Sequence[str], dims: Sequence[int], num_
             a_to_b = ridge_r2([layers(h, a) for h in halves], [layers(h, b) for h in halves], ridge)
             b_to_a = ridge_r2([layers(h, b) for h in halves], [layers(h, a) for h in halves], ridge)
             best = int(cka.argmax())
-            b_from_a, a_from_b = float(a_to_b.max(dim=0).values.mean()), float(b_to_a.max(dim=0).values.mean())
+            # A negative held-out R² (worse than the mean) predicts nothing: shares are clamped at 0.
+            b_from_a, a_from_b = (max(0.0, float(r2.max(dim=0).values.mean())) for r2 in (a_to_b, b_to_a))
             pairs.append(PairReport(
                 a=names[a], b=names[b], cka=_rounded(cka), r2_a_to_b=_rounded(a_to_b), r2_b_to_a=_rounded(b_to_a),
                 best_cka=float(cka.max()), best_cka_layers=divmod(best, num_layers), b_from_a=b_from_a, a_from_b=a_from_b,

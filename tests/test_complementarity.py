@@ -173,3 +173,38 @@ def test_cli_on_the_demo_recipe(tmp_path):
     except ImportError:
         return
     assert all(Path(p["heatmap"]).is_file() for p in report["pairs"])
+
+
+def _task(value: float, stderr: float = 0.01) -> dict:
+    return {"value": value, "stderr": stderr}
+
+
+def _probes(triple_mean: float) -> dict:
+    four = lambda v: {t: _task(v) for t in ("ctc:phonemes", "classification:speaker", "classification:language", "classification:style")}
+    return {"content": four(0.50), "speaker": four(0.40), "content-seed1": four(0.49),
+            "content + speaker": four(0.66), "content + content-seed1": four(0.51), "speaker + content-seed1": four(0.64),
+            "content + speaker + content-seed1": four(triple_mean)}
+
+
+def _report() -> dict:
+    pair = lambda a, b, ba, ab: {"a": a, "b": b, "b_from_a": ba, "a_from_b": ab, "complementarity": min(1 - ba, 1 - ab)}
+    pairs = [pair("content", "speaker", 0.2, 0.3), pair("speaker", "content-seed1", 0.35, 0.25),
+             pair("content", "content-seed1", 0.9, 0.85)]
+    upstreams = [{"name": "content", "adds_beyond": 0.15, "predictable_from": "content-seed1", "sentence": "c"},
+                 {"name": "speaker", "adds_beyond": 0.7, "predictable_from": "content", "sentence": "s"},
+                 {"name": "content-seed1", "adds_beyond": 0.1, "predictable_from": "content", "sentence": "r"}]
+    return {"pairs": pairs, "upstreams": upstreams}
+
+
+def test_validation_checks_and_rank_correlation_on_hand_made_scores():
+    from benchmarks.mini_superb.complementarity import analyse, spearman
+
+    assert spearman([1, 2, 3, 4], [10, 30, 20, 40]) == pytest.approx(0.8)
+    assert spearman([1, 1, 2], [5, 6, 7]) == pytest.approx(np.corrcoef([0.5, 0.5, 2], [0, 1, 2])[0, 1])
+    names = ["content", "speaker", "content-seed1"]
+    # SE of a 4-task mean with per-task SE 0.01 is 0.005: +0.004 is within it, +0.02 is not.
+    good = analyse(_report(), _probes(0.664), names)
+    assert good["criteria"] == {"i_report_flags_redundant_and_ranks_pair": True, "ii_probe_gains_agree": True}
+    assert good["gains"]["content_speaker_over_best_single"][0] == pytest.approx(0.16)
+    assert good["spearman"]["per_pair"] == pytest.approx(1.0)  # gains 0.16, 0.15, 0.01 follow 0.7, 0.65, 0.1
+    assert not analyse(_report(), _probes(0.68), names)["criteria"]["ii_probe_gains_agree"]
