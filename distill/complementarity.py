@@ -131,7 +131,11 @@ def format_complementarity(result: dict) -> str:
         lines.append(f"PCA kept: of each upstream's own variance, what the recipe's PCA projection "
                      f"({settings['projection_balance']} balance, {settings['projection_dim']} dims) fitted on these frames keeps")
     lines += ["", *(u["sentence"] for u in result["upstreams"])]
-    lines.append(f"most complementary pair: {result['pairs'][0]['a']} + {result['pairs'][0]['b']}")
+    first, last = result["pairs"][0], result["pairs"][-1]
+    lines.append(f"most complementary pair: {first['a']} + {first['b']} ({first['complementarity']:.3f})")
+    if len(result["pairs"]) > 1:
+        lines.append(f"least complementary pair: {last['a']} + {last['b']} ({last['complementarity']:.3f}): "
+                     "fusing both adds the least")
     seconds = f" ({result['seconds']:.0f} s)" if "seconds" in result else ""
     lines.append(f"report: {Path(result['out_dir']) / REPORT_NAME}{seconds}")
     return "\n".join(lines)
@@ -147,7 +151,7 @@ def plot_pair(pair: PairReport, path: Path) -> Optional[str]:
     panels = [(pair.cka, "linear CKA", f"{pair.a} layer", f"{pair.b} layer"),
               (pair.r2_a_to_b, f"R² of {pair.b} from {pair.a}", f"{pair.a} layer (source)", f"{pair.b} layer (target)"),
               (pair.r2_b_to_a, f"R² of {pair.a} from {pair.b}", f"{pair.b} layer (source)", f"{pair.a} layer (target)")]
-    fig = Figure(figsize=(13, 4), layout="constrained")
+    fig = Figure(figsize=(13, 4.6), layout="constrained")
     for ax, (matrix, title, rows, cols) in zip(fig.subplots(1, 3), panels):
         image = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis", origin="lower")
         for i, row in enumerate(matrix):

@@ -78,6 +78,11 @@ def run(cfg: BenchmarkConfig, out: Path, cache_dir: Path, max_utterances: int) -
     report = complementarity_of(teacher, pca_waveforms(train, max_utterances, 16000, teacher.min_samples), names=names)
     summary = write_report(report, out, seconds=round(time.perf_counter() - clock, 1))
     print(format_complementarity(summary))
+    # How much the report itself moves: the same on another sample of utterances and frames.
+    other = load_audio_dataset(data_cfg, "train").shuffle(seed=1)
+    again = complementarity_of(teacher, pca_waveforms(other, max_utterances, 16000, teacher.min_samples), names=names, seed=1)
+    resample = {"pairs": {f"{p.a} + {p.b}": p.complementarity for p in again.pairs},
+                "adds_beyond": {u.name: u.adds_beyond for u in again.upstreams}}
     timings["report_min"] = round((time.perf_counter() - clock) / 60, 2)
 
     clock = time.perf_counter()
@@ -100,7 +105,7 @@ def run(cfg: BenchmarkConfig, out: Path, cache_dir: Path, max_utterances: int) -
                             for n in names},
               "max_utterances": max_utterances, "probe": {"view": "aligned, normalised concatenation + weighted sum",
                                                           **vars(cfg.probe)},
-              **verdict, "timings": timings}
+              **verdict, "report_on_another_sample": resample, "timings": timings}
     (out / "validation.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "validation.md").write_text(markdown(summary, probes, result))
     for line in result["lines"]:
@@ -193,14 +198,17 @@ def markdown(report: dict, probes: dict, result: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {mean:.3f} ± {se:.3f} |")
     lines += ["", "## The report (compare-upstreams)", "", "| pair (a, b) | best CKA (layers) | b from a (R²) | "
               "a from b (R²) | complementarity | probe gain over the better one |", "|---|---|---|---|---|---|"]
-    gains = {q["pair"]: q for q in result["pairs"]}
-    for p, q in zip(report["pairs"], result["pairs"]):
+    for p, q in zip(report["pairs"], result["pairs"]):  # the same order: analyse walks report["pairs"]
         lines.append(f"| {p['a']}, {p['b']} | {p['best_cka']:.3f} ({p['best_cka_layers'][0]}, {p['best_cka_layers'][1]}) | "
                      f"{p['b_from_a']:.3f} | {p['a_from_b']:.3f} | {p['complementarity']:.3f} | "
-                     f"{gains[q['pair']]['probe_gain']:+.3f} ± {gains[q['pair']]['gain_stderr']:.3f} (over {q['over']}) |")
+                     f"{q['probe_gain']:+.3f} ± {q['gain_stderr']:.3f} (over {q['over']}) |")
     lines += ["", "| upstream added | to | adds beyond (1 - R²) | probe gain of the pair over the base |", "|---|---|---|---|"]
     for d in result["directed"]:
         lines.append(f"| {d['added']} | {d['base']} | {d['adds_beyond']:.3f} | {d['probe_gain']:+.3f} ± {d['gain_stderr']:.3f} |")
+    again = result["report_on_another_sample"]
+    lines += ["", f"The report on another {result['max_utterances']} utterances (shuffle seed 1, frame-sample seed 1): "
+              "complementarity " + ", ".join(f"{k} {v:.3f}" for k, v in again["pairs"].items()) + "; adds beyond "
+              + ", ".join(f"{k} {v:.3f}" for k, v in again["adds_beyond"].items()) + "."]
     lines += ["", *(f"- {u['sentence']}" for u in report["upstreams"]), "", *(f"    {line}" for line in result["lines"]), ""]
     return "\n".join(lines)
 
