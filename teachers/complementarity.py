@@ -11,7 +11,8 @@ number of upstreams squared.
 
 - Linear CKA (Kornblith et al. 2019) on centred frames, in feature space:
   ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F); 1 for the same features up to rotation and scale.
-  Computed on both halves together. It is biased upwards when frames are few against the widths
+  Computed on both halves together, from their cross-products (never a concatenated copy). It is
+  biased upwards when frames are few against the widths
   (about sqrt(D_a D_b) / frames for unrelated features).
 - Cross-predictability: ridge regression from A's layer i to B's layer j, fitted on one half and
   scored on the other, then the other way round (two folds, squared errors pooled). R² is the
@@ -26,9 +27,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Union
 
 import numpy as np
 import torch
+
+Features = Union[torch.Tensor, Sequence[torch.Tensor]]  # (n, D), or parts (n_k, D) that together are the n frames
 
 __all__ = ["FrameSample", "PairReport", "UpstreamReport", "ComplementarityReport", "linear_cka", "cross_cka",
            "ridge_r2", "compare", "sentence", "LITTLE", "MUCH"]
@@ -84,25 +88,38 @@ def _centred(x: torch.Tensor) -> torch.Tensor:
     return x - x.mean(dim=0, keepdim=True)
 
 
-def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Linear CKA of two sets of features of the same n frames, (n, D_x) and (n, D_y)."""
-    if x.shape[0] != y.shape[0]:
-        raise ValueError(f"linear_cka: {x.shape[0]} vs {y.shape[0]} frames")
-    x, y = _centred(x), _centred(y)
-    cross = torch.linalg.matrix_norm(y.T @ x) ** 2
-    scale = torch.linalg.matrix_norm(x.T @ x) * torch.linalg.matrix_norm(y.T @ y)
-    return float(cross / scale.clamp(min=1e-300))
+def _parts(x: Features) -> list[torch.Tensor]:
+    return [x] if isinstance(x, torch.Tensor) else list(x)
 
 
-def cross_cka(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> torch.Tensor:
-    """(len(xs), len(ys)) linear CKA of every layer pair; the self terms are computed once per layer."""
-    xs, ys = [_centred(x) for x in xs], [_centred(y) for y in ys]
-    x_norms = [torch.linalg.matrix_norm(x.T @ x) for x in xs]
-    y_norms = [torch.linalg.matrix_norm(y.T @ y) for y in ys]
+def _centred_cross(x: Features, y: Features) -> torch.Tensor:
+    """(D_x, D_y) cross-product of the centred features, X^T Y - n mean_x mean_y^T, summed over
+    parts (the halves of a FrameSample) so they are never concatenated; float64."""
+    xs, ys = _parts(x), _parts(y)
+    n = sum(len(p) for p in xs)
+    if n != sum(len(q) for q in ys):
+        raise ValueError(f"linear CKA: {n} vs {sum(len(q) for q in ys)} frames")
+    sum_x = sum(p.double().sum(dim=0) for p in xs)
+    sum_y = sum(q.double().sum(dim=0) for q in ys)
+    return sum(p.double().T @ q.double() for p, q in zip(xs, ys)) - torch.outer(sum_x, sum_y) / n
+
+
+def linear_cka(x: Features, y: Features) -> float:
+    """Linear CKA of two sets of features of the same n frames, (n, D_x) and (n, D_y) (or lists
+    of parts with matching lengths)."""
+    scale = torch.linalg.matrix_norm(_centred_cross(x, x)) * torch.linalg.matrix_norm(_centred_cross(y, y))
+    return float(torch.linalg.matrix_norm(_centred_cross(y, x)) ** 2 / scale.clamp(min=1e-300))
+
+
+def cross_cka(xs: Sequence[Features], ys: Sequence[Features]) -> torch.Tensor:
+    """(len(xs), len(ys)) linear CKA of every layer pair; the self terms are computed once per layer.
+    Memory: one (D_x, D_y) matrix and one float64 copy of a part at a time."""
+    x_norms = [torch.linalg.matrix_norm(_centred_cross(x, x)) for x in xs]
+    y_norms = [torch.linalg.matrix_norm(_centred_cross(y, y)) for y in ys]
     out = torch.zeros(len(xs), len(ys), dtype=torch.float64)
     for i, x in enumerate(xs):
         for j, y in enumerate(ys):
-            out[i, j] = torch.linalg.matrix_norm(y.T @ x) ** 2 / (x_norms[i] * y_norms[j]).clamp(min=1e-300)
+            out[i, j] = torch.linalg.matrix_norm(_centred_cross(x, y)) ** 2 / (x_norms[i] * y_norms[j]).clamp(min=1e-300)
     return out
 
 
@@ -187,6 +204,8 @@ def compare(sample: FrameSample, names: Sequence[str], dims: Sequence[int], num_
             variance_share: Sequence[float] | None = None, pca_kept: Sequence[float] | None = None) -> ComplementarityReport:
     """Every pair of upstreams on the sampled frames. A frame row is the flattened (L, sum D_i)
     aligned features: layer l of upstream u is columns l * sum(dims) + offset(u) .. + dims[u]."""
+    if len(set(names)) != len(names):
+        raise ValueError(f"compare: upstream names must be distinct, got {list(names)}")
     if len(names) != len(dims) or len(names) < 2:
         raise ValueError(f"compare: need at least two upstreams with one width each, got {list(names)} / {list(dims)}")
     total = sum(dims)
@@ -201,11 +220,13 @@ def compare(sample: FrameSample, names: Sequence[str], dims: Sequence[int], num_
     def layers(rows: torch.Tensor, u: int) -> list[torch.Tensor]:
         return [rows[:, l * total + offsets[u]: l * total + offsets[u] + dims[u]] for l in range(num_layers)]
 
-    both = torch.cat(halves)
+    def both(u: int) -> list[list[torch.Tensor]]:  # per layer, the two halves' blocks (views, not copies)
+        return [list(parts) for parts in zip(*(layers(h, u) for h in halves))]
+
     pairs = []
     for a in range(len(names)):
         for b in range(a + 1, len(names)):
-            cka = cross_cka(layers(both, a), layers(both, b))
+            cka = cross_cka(both(a), both(b))
             a_to_b = ridge_r2([layers(h, a) for h in halves], [layers(h, b) for h in halves], ridge)
             b_to_a = ridge_r2([layers(h, b) for h in halves], [layers(h, a) for h in halves], ridge)
             best = int(cka.argmax())

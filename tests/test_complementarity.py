@@ -55,6 +55,9 @@ def test_cross_cka_is_linear_cka_per_layer_pair():
     for i, x in enumerate(xs):
         for j, y in enumerate(ys):
             assert float(table[i, j]) == pytest.approx(linear_cka(x, y), rel=1e-10)
+    # In parts (a FrameSample's two halves), without concatenating them: the same numbers.
+    split = cross_cka([[x[:30], x[30:]] for x in xs], [[y[:30], y[30:]] for y in ys])
+    assert torch.allclose(split, table, rtol=1e-10, atol=0)
 
 
 def _folds(x: torch.Tensor, y: torch.Tensor) -> tuple[list, list]:

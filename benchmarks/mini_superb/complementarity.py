@@ -191,7 +191,15 @@ def _ranks(values: list[float]) -> np.ndarray:
 def markdown(report: dict, probes: dict, result: dict) -> str:
     tasks = list(next(iter(probes.values())))
     head = ["fused upstreams (concat + WS)", *(t.split(":")[1] for t in tasks), "mean"]
-    lines = ["## Probe scores of every subset", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    p = result["probe"]
+    ups = ", ".join(f"{n} ({u['task']}, dev {u['dev_metric']} {u['dev_score']:.3f})" for n, u in result["upstreams"].items())
+    lines = ["# compare-upstreams on the mini benchmark", "",
+             f"Upstreams: {ups}. The report read {result['max_utterances']} training utterances. Probes: every subset "
+             f"of the upstreams as the {p['view']} (no fitting), {p['steps']} steps, {p['train_items']} training and up "
+             f"to {p['test_items']} test utterances, scores ± binomial standard errors over test utterances. Made by "
+             "`python -m benchmarks.mini_superb.complementarity` (benchmarks/mini_superb/complementarity.py says what "
+             "each check means).", "",
+             "## Probe scores of every subset", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, row in probes.items():
         mean, se = result["mean_scores"][name]
         cells = [f"{row[t]['value']:.3f} ± {row[t]['stderr']:.3f}" for t in tasks]
