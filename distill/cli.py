@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*")
     p.add_argument("--max-utterances", type=int, default=200, help="training utterances read (the seeded sample PCA uses)")
-    p.add_argument("--max-frames", type=int, default=20000, help="frames sampled for CKA and ridge (at most 512 MB)")
+    p.add_argument("--max-frames", type=int, default=20000, help="frames sampled for CKA and ridge (at most 1 GB)")
     p.add_argument("--out", help="report folder (default: training.output_dir/complementarity)")
     p.set_defaults(func=_cmd_compare_upstreams)
     return parser

@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 REPORT_NAME = "complementarity.json"
 DEFAULT_MAX_FRAMES = 20000
-DEFAULT_MAX_MEMORY_MB = 512
+DEFAULT_MAX_MEMORY_MB = 1024
 
 
 def compare_upstreams(cfg: RecipeConfig, out_dir: Optional[str | Path] = None, max_utterances: int = 200,
@@ -80,7 +80,7 @@ def complementarity_of(teacher: FusedTeacher, waveforms: Iterable[torch.Tensor],
     `max_frames` frames and at most `max_memory_mb` MB (the smaller wins)."""
     layers, total = teacher.num_aligned_layers, sum(teacher.dims)
     width = layers * total
-    by_memory = int(max_memory_mb * 2**20 // (4 * width))
+    by_memory = int(max_memory_mb * 2**20 // (2 * width))  # FrameSample stores bfloat16
     frames = min(max_frames, by_memory)
     if frames < max_frames:
         logger.info("compare-upstreams: %d frames fit in %g MB (%d layers x %d features each), not %d",
