@@ -50,10 +50,10 @@ def compare_upstreams(cfg: RecipeConfig, out_dir: Optional[str | Path] = None, m
     `out_dir` (default: training.output_dir/complementarity). Returns the report as a dict, with
     `out_dir` and `seconds` added."""
     start = time.perf_counter()
+    if len(cfg.teacher.upstreams) < 2:  # before minutes of model loading
+        raise ValueError(f"compare-upstreams: the recipe's teacher has {len(cfg.teacher.upstreams)} upstream; need two or more")
     with tqdm(total=len(cfg.teacher.upstreams), desc="loading upstreams", unit="model", disable=None) as bar:
         teacher = FusedTeacher.from_config(asdict(cfg.teacher), progress=lambda *_: bar.update(1))
-    if len(teacher.upstreams) < 2:
-        raise ValueError(f"compare-upstreams: the recipe's teacher has {len(teacher.upstreams)} upstream; need two or more")
     # The sample train fits the PCA on: a seeded shuffle of the training split.
     train_set = load_audio_dataset(cfg.data, cfg.data.train_split_name).shuffle(seed=cfg.training.seed)
     waves = pca_waveforms(train_set, max_utterances, cfg.data.sampling_rate, teacher.min_samples)
@@ -103,6 +103,10 @@ def complementarity_of(teacher: FusedTeacher, waveforms: Iterable[torch.Tensor],
     if teacher.target_mode == "chconv" and teacher.projection_fit == "pca" and stats.count >= teacher.target_dim:
         weight, _ = stats.principal_projection(teacher.target_dim, teacher.dims, teacher.projection_balance)
         kept = retained_variance(covariance, weight, teacher.dims)[0]
+    per_half = min(len(h) for h in sample.halves())
+    if per_half < 4 * max(teacher.dims):
+        logger.warning("compare-upstreams: %d frames per half against features up to %d wide: held-out R² is biased low "
+                       "and CKA high; read more utterances (--max-utterances) or allow more frames", per_half, max(teacher.dims))
     report = compare(sample, names or upstream_names(teacher), teacher.dims, layers, ridge=ridge,
                      variance_share=shares, pca_kept=kept)
     report.frames.update(pooled_for_pca=stats.count, sample_mb=round(sample.nbytes / 2**20, 1))

@@ -211,3 +211,13 @@ def test_validation_checks_and_rank_correlation_on_hand_made_scores():
     assert good["gains"]["content_speaker_over_best_single"][0] == pytest.approx(0.16)
     assert good["spearman"]["per_pair"] == pytest.approx(1.0)  # gains 0.16, 0.15, 0.01 follow 0.7, 0.65, 0.1
     assert not analyse(_report(), _probes(0.68), names)["criteria"]["ii_probe_gains_agree"]
+
+
+def test_one_upstream_is_refused_before_any_model_loads(monkeypatch):
+    from distill import complementarity
+    from distill.config import load_recipe
+
+    cfg = load_recipe("demo", ["teacher.upstreams=[{config: {model_type: hubert}}]"])
+    monkeypatch.setattr(complementarity.FusedTeacher, "from_config", lambda *a, **k: pytest.fail("loaded a model"))
+    with pytest.raises(ValueError, match="has 1 upstream; need two or more"):
+        complementarity.compare_upstreams(cfg)
