@@ -1,7 +1,7 @@
 """`fusion-distill` / `python -m distill`: one subcommand per stage.
 
     fusion-distill inspect-teacher RECIPE
-    fusion-distill compare-upstreams RECIPE [--max-utterances N] [--out DIR]
+    fusion-distill compare-upstreams RECIPE [--max-utterances N] [--max-frames F] [--out DIR]
     fusion-distill cache-targets RECIPE --out DIR [--split SPLIT] [--teacher DIR] [--shard-size N] [--dtype float16|int8] [key=value ...]
       (accelerate launch --num_processes N -m distill cache-targets ...: N processes share the shards)
     fusion-distill verify-cache DIR
