@@ -1,6 +1,7 @@
 """`fusion-distill` / `python -m distill`: one subcommand per stage.
 
     fusion-distill inspect-teacher RECIPE
+    fusion-distill compare-upstreams RECIPE [--max-utterances N] [--max-frames F] [--out DIR]
     fusion-distill cache-targets RECIPE --out DIR [--split SPLIT] [--teacher DIR] [--shard-size N] [--dtype float16|int8] [key=value ...]
       (accelerate launch --num_processes N -m distill cache-targets ...: N processes share the shards)
     fusion-distill verify-cache DIR
@@ -70,6 +71,14 @@ def _cmd_inspect_teacher(args: argparse.Namespace) -> None:
     from .inspect import inspect_teacher
 
     print(inspect_teacher(load_recipe(args.recipe, args.overrides), seconds=args.seconds, fit_pca=args.fit_pca))
+
+
+def _cmd_compare_upstreams(args: argparse.Namespace) -> None:
+    from .complementarity import compare_upstreams, format_complementarity
+    from .config import load_recipe
+
+    print(format_complementarity(compare_upstreams(load_recipe(args.recipe, args.overrides), args.out,
+                                                   args.max_utterances, args.max_frames)))
 
 
 def _cmd_cache_targets(args: argparse.Namespace) -> None:
@@ -217,6 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fit-pca", action="store_true",
                    help="fit the PCA projection on the training audio and show how much of each upstream it keeps")
     p.set_defaults(func=_cmd_inspect_teacher)
+
+    p = sub.add_parser("compare-upstreams", help="which upstreams are worth fusing: layer CKA and cross-predictability per pair")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--max-utterances", type=int, default=200, help="training utterances read (the seeded sample PCA uses)")
+    p.add_argument("--max-frames", type=int, default=20000, help="frames sampled for CKA and ridge (at most 1 GB)")
+    p.add_argument("--out", help="report folder (default: training.output_dir/complementarity)")
+    p.set_defaults(func=_cmd_compare_upstreams)
     return parser
 
 
