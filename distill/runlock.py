@@ -85,9 +85,13 @@ class RunLock:
             "token": secrets.token_hex(8),
         }
         self.held = False
+        self._created: list[Path] = []
 
     # ----------------------------------------------------------------------------------- taking
     def acquire(self) -> "RunLock":
+        # Folders this lock creates go again on release when still empty: a writer refused
+        # before writing anything (a bad argument found after the lock) leaves no trace.
+        self._created = [p for p in (self.path.parent, *self.path.parent.parents) if not p.exists()]
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -198,6 +202,11 @@ class RunLock:
             return
         if current is not None and current.get("token") == self.record["token"]:
             self.path.unlink(missing_ok=True)
+        for folder in self._created:  # innermost first
+            try:
+                folder.rmdir()
+            except OSError:  # not empty: the writer wrote something, keep it and what holds it
+                break
 
     def __enter__(self) -> "RunLock":
         return self.acquire()

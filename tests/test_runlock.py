@@ -158,3 +158,12 @@ def test_processes_racing_for_a_dead_holders_lock_get_it_once(tmp_path):
     outcomes = sorted(results.get(timeout=5) for _ in procs)
     assert outcomes == ["held", "refused", "refused", "refused"]
     assert not (run / LOCK_NAME).exists()
+
+
+def test_folders_the_lock_created_go_again_when_nothing_was_written(tmp_path):
+    with hold_lock(tmp_path / "a" / "b", "cache-targets"):
+        pass
+    assert not (tmp_path / "a").exists()  # a writer refused after taking the lock leaves no trace
+    with hold_lock(tmp_path / "a" / "b", "cache-targets"):
+        (tmp_path / "a" / "b" / "shard-0").write_text("x")
+    assert (tmp_path / "a" / "b" / "shard-0").exists()
