@@ -241,8 +241,11 @@ def test_both_ranks_of_a_launch_refuse_together_without_hanging(tmp_path, foreig
                              "--dynamo_backend", "no", "-m", "distill", "train", "demo", "--output-dir", str(run), *FAST],
                             cwd=REPO, env={**_env(), "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and time.time() - started < 240
-    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("fusion-distill train: error:")]
+    errors = re.findall(r"fusion-distill train: error: (.*?one writer per folder)", result.stderr)
     assert len(errors) == 2 and errors[0] == errors[1] and f"in use by `fusion-distill train` (pid {pid}" in errors[0], result.stderr[-3000:]
+    # Both lines printed: each rank got the main process's answer rather than waiting for it (the
+    # launcher may still SIGTERM a rank that is exiting anyway once the first one has exited 2).
+    assert re.search(r"exitcode\s*:\s*2\b", result.stderr)
     assert sorted(p.name for p in run.iterdir()) == [LOCK_NAME]
 
 
@@ -298,44 +301,53 @@ def trained(tmp_path_factory) -> Path:
     return run
 
 
-_EXPORT_DISK_FULL = """
-import errno, os, sys
-from pathlib import Path
-import transformers
-def save_pretrained(self, folder, *args, **kwargs):
-    (Path(folder) / "model.safetensors").write_bytes(b"half a file")
-    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-transformers.PreTrainedModel.save_pretrained = save_pretrained
-from distill.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
+def _main_error(capsys, *args) -> str:
+    """Run the CLI in this process; it must exit 2 with one error line and no traceback."""
+    from distill.cli import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err[-3000:]
+    return errors[0]
 
 
 @pytest.mark.slow
-def test_export_replaces_its_own_refuses_others_and_survives_a_full_disk(trained, tmp_path, foreign_holder):
+def test_export_replaces_its_own_refuses_others_and_survives_a_full_disk(trained, tmp_path, foreign_holder, monkeypatch, capsys):
+    import transformers
+
+    from distill.cli import main
+
     out = tmp_path / "exported"
-    assert _cli("export", trained, out).returncode == 0
+    assert main(["export", str(trained), str(out)]) == 0
     (out / "model.onnx").write_text("a graph of some older student")
-    assert _cli("export", trained, out).returncode == 0
+    assert main(["export", str(trained), str(out)]) == 0
     assert "model.onnx" not in {p.name for p in out.iterdir()}  # replaced whole, nothing of the old one mixed in
     before = _digest(out)
 
-    line = _one_error(_cli("export", trained, out, prefix=("-c", _EXPORT_DISK_FULL)))
+    with monkeypatch.context() as patch:
+        def disk_full(self, folder, *args, **kwargs):
+            (Path(folder) / "model.safetensors").write_bytes(b"half a file")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        patch.setattr(transformers.PreTrainedModel, "save_pretrained", disk_full)
+        line = _main_error(capsys, "export", trained, out)
     assert f"export to {out} failed (ENOSPC: No space left on device); nothing written, {out} is as it was" in line
     assert _digest(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["exported"]
 
     mixed = tmp_path / "mixed"
     mixed.mkdir()
     (mixed / "data.csv").write_text("a,b\n")
-    assert "not empty and not a previous export (holds data.csv)" in _one_error(_cli("export", trained, mixed))
-    assert "holds" in _one_error(_cli("export", trained, trained.parent, "--overwrite"))  # never the run itself
-    assert _cli("export", trained, mixed, "--overwrite").returncode == 0 and not (mixed / "data.csv").exists()
+    assert "not empty and not a previous export (holds data.csv)" in _main_error(capsys, "export", trained, mixed)
+    assert "which the export reads" in _main_error(capsys, "export", trained, trained.parent, "--overwrite")  # never the run itself
+    assert main(["export", str(trained), str(mixed), "--overwrite"]) == 0 and not (mixed / "data.csv").exists()
 
     # Read-only commands do not take the run's lock; train does.
     pid, lock = foreign_holder
     lock(trained)
     try:
-        assert _cli("evaluate", trained, "--no-probe", "--no-cost", "--max-items", "2").returncode == 0
-        assert f"(pid {pid}" in _one_error(_cli("train", "demo", "--output-dir", trained, "--resume-from", "latest", *FAST))
+        assert main(["evaluate", str(trained), "--no-probe", "--no-cost", "--max-items", "2"]) == 0
+        assert f"(pid {pid}" in _main_error(capsys, "train", "demo", "--output-dir", trained, "--resume-from", "latest", *FAST)
     finally:
         (trained / LOCK_NAME).unlink()
