@@ -174,6 +174,9 @@ def _teacher_problem(cfg) -> Optional[str]:
     if s.init_from_upstream is not None and s.init_from_upstream >= len(t.upstreams):
         return (f"student.init_from_upstream={s.init_from_upstream}, expected >= 0 and <= {len(t.upstreams) - 1} "
                 f"(an index into teacher.upstreams, which has {len(t.upstreams)})")
+    if t.target_mode == "chconv" and t.projection_dim is None:
+        return ("teacher.projection_dim=null, expected >= 1 (target_mode=chconv projects the concatenation; "
+                "null only with target_mode concat or average)")
     shapes = [_upstream_shape(spec) for spec in t.upstreams]
     if any(shape is None for shape in shapes):
         return None  # a hub id: the teacher build checks these once it has the configs

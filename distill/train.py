@@ -44,6 +44,7 @@ from .faults import StepHealth, StopSignals, check_writable, count_nonfinite_ste
 from .losses import distill_loss
 from .resume_logs import drop_records_after
 from .runlock import locked
+from .staged_export import ExportError
 from .validation import Evaluator
 
 __all__ = ["TrainState", "train", "loss_step"]
@@ -282,6 +283,8 @@ def train(cfg: RecipeConfig, resume_from: str | None = None, allow_recipe_change
             else:
                 export_run(out, export_dir, student=accelerator.unwrap_model(student))
         except OSError as err:  # written aside and renamed (staged_export): export_dir is as it was
+            if isinstance(err, ExportError):  # already one line saying so
+                raise
             raise CheckpointError(f"export to {export_dir} failed ({errno_name(err)}); nothing written there, checkpoints untouched; "
                                   f"free space, then: fusion-distill export {out} {export_dir}") from None
         accelerator.print(f"student exported to {export_dir}" + (f" from the best eval checkpoint {best.name}" if best else ""))

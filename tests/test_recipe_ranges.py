@@ -102,6 +102,7 @@ def test_each_numeric_field_at_zero_minus_one_and_huge(key, value):
     ("data.sampling_rate=8000", "data.sampling_rate=8000, expected 16000"),
     ("data.min_duration_in_seconds=20", "data.min_duration_in_seconds=20.0 is above data.max_duration_in_seconds=10.0"),
     ("student.num_attention_heads=3", "not divisible"),
+    ("teacher.projection_dim=null", "teacher.projection_dim=null, expected >= 1 (target_mode=chconv projects"),
 ])
 def test_values_checked_against_the_teacher_student_and_each_other(override, message):
     with pytest.raises(RecipeError) as err:
