@@ -39,7 +39,9 @@ __all__ = ["LOCK_NAME", "RunLockError", "RunLock", "hold_lock", "hold_lock_all_r
 logger = logging.getLogger(__name__)
 
 LOCK_NAME = "fusion-distill.lock"
-_GUARD_SUFFIX = ".takeover"  # flock'ed for the moment a stale lock is replaced (see _take_over)
+# FOLDER/.fusion-distill.lock.takeover: flock'ed for the moment a stale lock is replaced (see
+# _take_over); it stays once made (removing a flock file is itself a race) and holds nothing.
+_GUARD_SUFFIX = ".takeover"
 
 
 class RunLockError(OSError):
