@@ -128,7 +128,8 @@ def _raise_save_failure(accelerator: Accelerator, tmp: Path, final: Path, failur
     # Every rank raises the same line, naming the rank that failed and why (issue 19).
     rank, failure = _first_failure(accelerator, failure)
     name = errno.errorcode.get(failure[0] or 0, "error")
-    who = f"rank {rank} of {accelerator.num_processes} could not write its part" if accelerator.num_processes > 1 else "could not be written"
+    world = accelerator.num_processes
+    who = f"rank {rank} of {world} could not write its part" if world > 1 else "could not be written"
     raise CheckpointError(
         f"checkpoint {final}: {who} ({name}: {failure[1]}); partial folder removed, "
         f"earlier checkpoints are untouched; free space or fix permissions, then --resume-from latest"

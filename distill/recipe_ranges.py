@@ -48,7 +48,8 @@ class Range:
 _BIG = 10**9  # steps: a billion optimizer steps is beyond any run
 RANGES: dict[str, Range] = {
     "teacher.projection_dim": Range(1, 65536, null="no projection"),
-    "teacher.target_layers": Range(0, 1024, null="three evenly spaced layers", why="indices into the aligned layer axis, 0 = front-end output"),
+    "teacher.target_layers": Range(0, 1024, null="three evenly spaced layers",
+                                   why="indices into the aligned layer axis, 0 = front-end output"),
     "teacher.pca_max_utterances": Range(1, 10**7),
     "student.num_hidden_layers": Range(1, 256, null="the preset's"),
     "student.hidden_size": Range(1, 65536, null="the preset's"),

@@ -79,8 +79,9 @@ def staged_export(out_dir: str | Path, overwrite: bool = False, protect: Sequenc
         except OSError as err:
             shutil.rmtree(stage, ignore_errors=True)
             name = errno.errorcode.get(err.errno or 0, type(err).__name__)
-            raise ExportError(f"export to {out} failed ({name}: {err.strerror or err}); nothing written, "
-                              f"{out} {'is as it was' if existed else 'not created'}; free space or fix permissions, then export again") from None
+            left = "is as it was" if existed else "not created"
+            raise ExportError(f"export to {out} failed ({name}: {err.strerror or err}); nothing written, {out} {left}; "
+                              f"free space or fix permissions, then export again") from None
         except BaseException:
             shutil.rmtree(stage, ignore_errors=True)
             raise

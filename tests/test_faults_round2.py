@@ -108,7 +108,8 @@ def test_a_folder_that_is_not_an_export_is_refused_unless_overwrite(tmp_path):
         with staged_export(out) as stage:
             _write_export(stage, "new")
     message = str(err.value)
-    assert "\n" not in message and "not empty and not a previous export (holds README.md, config.json, model.safetensors and 2 more)" in message
+    assert "\n" not in message
+    assert "not empty and not a previous export (holds README.md, config.json, model.safetensors and 2 more)" in message
     assert "--overwrite" in message and (out / "notes.txt").read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
     with staged_export(out, overwrite=True) as stage:
@@ -150,7 +151,8 @@ def test_resumed_logs_keep_each_step_once(tmp_path):
     assert drop_records_after(tmp_path, 4) == {"train_log.jsonl": 2, "eval_log.jsonl": 0}
     assert _steps(tmp_path / "train_log.jsonl") == [1, 2, 3, 4] and _steps(tmp_path / "eval_log.jsonl") == [2, 4]
     assert drop_records_after(tmp_path, 0) == {"train_log.jsonl": 4, "eval_log.jsonl": 2}
-    assert (tmp_path / "train_log.jsonl").read_text() == "" and sorted(p.name for p in tmp_path.iterdir()) == ["eval_log.jsonl", "train_log.jsonl"]
+    assert (tmp_path / "train_log.jsonl").read_text() == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval_log.jsonl", "train_log.jsonl"]  # no temp file left
 
 
 # --------------------------------------------------------------------------- end to end (CLI)
@@ -242,10 +244,11 @@ def test_both_ranks_of_a_launch_refuse_together_without_hanging(tmp_path, foreig
                             cwd=REPO, env={**_env(), "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and time.time() - started < 240
     errors = re.findall(r"fusion-distill train: error: (.*?one writer per folder)", result.stderr)
-    assert len(errors) == 2 and errors[0] == errors[1] and f"in use by `fusion-distill train` (pid {pid}" in errors[0], result.stderr[-3000:]
-    # Both lines printed: each rank got the main process's answer rather than waiting for it (the
-    # launcher may still SIGTERM a rank that is exiting anyway once the first one has exited 2).
-    assert re.search(r"exitcode\s*:\s*2\b", result.stderr)
+    assert len(errors) == 2 and errors[0] == errors[1], result.stderr[-3000:]
+    assert f"in use by `fusion-distill train` (pid {pid}" in errors[0]
+    # Both lines printed: each rank got the main process's answer rather than waiting for it. Which
+    # exit code the launcher then reports per rank is a race (2, or SIGTERM/SIGABRT while the
+    # process group is torn down after the other rank has gone), so it is not asserted.
     assert sorted(p.name for p in run.iterdir()) == [LOCK_NAME]
 
 

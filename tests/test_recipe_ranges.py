@@ -74,7 +74,8 @@ def test_every_numeric_schema_field_has_a_range():
     assert set(walked) == set(RANGES), "a numeric recipe field without an allowed range (distill/recipe_ranges.py)"
     # The walk really covers the schema: count the int/float fields by hand for two sections.
     training = [f.name for f in fields(typing.get_type_hints(RecipeConfig)["training"])]
-    assert {"per_device_train_batch_size", "learning_rate", "max_grad_norm", "seed"} <= {k.split(".")[1] for k in walked if k.startswith("training.")}
+    in_training = {k.split(".")[1] for k in walked if k.startswith("training.")}
+    assert {"per_device_train_batch_size", "learning_rate", "max_grad_norm", "seed"} <= in_training
     assert "mixed_precision" in training and "training.mixed_precision" not in walked and "data.streaming" not in walked
     assert len(walked) == 34
 
@@ -94,7 +95,8 @@ def test_each_numeric_field_at_zero_minus_one_and_huge(key, value):
 
 
 @pytest.mark.parametrize("override,message", [
-    ("teacher.target_layers=[1,4]", "teacher.target_layers=[1, 4]: entry 4 out of range, expected >= 0 and <= 3 (the fused teacher has 4 aligned layers"),
+    ("teacher.target_layers=[1,4]",
+     "teacher.target_layers=[1, 4]: entry 4 out of range, expected >= 0 and <= 3 (the fused teacher has 4 aligned layers"),
     ("teacher.projection_dim=177", "teacher.projection_dim=177, expected >= 1 and <= 176 (the concatenated width of the 3 upstreams)"),
     ("student.init_from_upstream=3", "student.init_from_upstream=3, expected >= 0 and <= 2"),
     ("training.per_device_train_batch_size=0", "training.per_device_train_batch_size=0, expected >= 1 and <= 65536"),
