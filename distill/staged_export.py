@@ -66,6 +66,8 @@ def staged_export(out_dir: str | Path, overwrite: bool = False, protect: Sequenc
     reads, which `out_dir` must neither be nor contain.
     """
     out = Path(out_dir)
+    if out.is_symlink():  # write where it points: renaming the link itself would leave the old export there
+        out = out.resolve()
     with hold_lock(out, "export", "export folder", path=export_lock_path(out)):
         _check_target(out, overwrite, protect)
         for leftover in out.parent.glob(f".{out.name}.export-*"):  # of exports killed earlier: we hold the lock

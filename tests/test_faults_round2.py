@@ -99,6 +99,16 @@ def test_a_previous_export_is_replaced_whole(tmp_path):
     assert (out / "README.md").read_text() == "README.md new"  # no graph of the old student beside the new one
 
 
+def test_a_link_to_an_export_folder_is_followed(tmp_path):
+    real = tmp_path / "disk" / "student"
+    real.mkdir(parents=True)
+    _write_export(real, "old")
+    (tmp_path / "student").symlink_to(real)
+    with staged_export(tmp_path / "student") as stage:
+        _write_export(stage, "new")
+    assert (tmp_path / "student").is_symlink() and (real / "config.json").read_text() == "config.json new"
+
+
 def test_a_folder_that_is_not_an_export_is_refused_unless_overwrite(tmp_path):
     out = tmp_path / "mine"
     out.mkdir()
