@@ -203,6 +203,9 @@ def _student_problem(cfg) -> Optional[str]:
         return str(err).splitlines()[0]
     except ImportError:
         return None
+    if s.student_layers is not None and s.head_mode != "layer_to_layer":
+        return (f"student.student_layers={list(s.student_layers)}, expected null with student.head_mode={s.head_mode} "
+                f"(only layer_to_layer uses it)")
     top = config.num_hidden_layers
     bad = [i for i in s.student_layers or [] if i > top]
     if bad:

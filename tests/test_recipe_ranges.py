@@ -28,7 +28,6 @@ HUGE = {int: 10**12, float: 1e30}
 ACCEPTED = {
     ("teacher.target_layers", 0),  # the front-end output is a layer too
     ("student.init_from_upstream", 0),
-    ("student.student_layers", 0),
     ("data.min_duration_in_seconds", 0.0),
     ("data.dataloader_num_workers", 0),
     ("loss.cos_weight", 0.0),  # L1 only
@@ -116,6 +115,8 @@ def test_layer_to_layer_indices_are_checked_against_the_student():
     with pytest.raises(RecipeError, match=r"student.student_layers=\[1, 3, 2\]: entry 3 out of range, expected >= 0 and <= 2"):
         load_recipe("demo", ["student.head_mode=layer_to_layer", "student.student_layers=[1,3,2]"])
     assert load_recipe("demo", ["student.head_mode=layer_to_layer", "student.student_layers=[1,2,2]"]).student.student_layers == [1, 2, 2]
+    with pytest.raises(RecipeError, match=r"student.student_layers=\[1, 2, 2\], expected null with student.head_mode=predict \(only layer_to_layer"):
+        load_recipe("demo", ["student.student_layers=[1,2,2]"])
 
 
 def test_local_upstream_folders_are_read_and_hub_ids_left_to_the_teacher_build(tmp_path):
