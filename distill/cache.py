@@ -56,6 +56,7 @@ from .audio import HOP, RECEPTIVE_FIELD, BadAudio, decode_audio
 from .build import build_teacher
 from .config import RecipeConfig
 from .data import load_audio_dataset
+from .runlock import locked
 from .target_cache import (
     DTYPES, FORMAT, MANIFEST_NAME, TEACHER_DIR, VERSION, CacheError, TargetCache, _key, _sha256, encode_targets,
     refuse_streaming,
@@ -73,6 +74,7 @@ _IDENTITY = ("teacher_hash", "layer_ids", "target_dim", "dtype", "sampling_rate"
 # --------------------------------------------------------------------------- writing
 
 
+@locked("cache-targets", lambda cfg, out_dir, *args, **kwargs: out_dir, kind="cache folder")  # one writer per cache
 def cache_targets(
     cfg: RecipeConfig,
     out_dir: Union[str, Path],

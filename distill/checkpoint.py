@@ -125,14 +125,26 @@ def save_checkpoint(
 def _raise_save_failure(accelerator: Accelerator, tmp: Path, final: Path, failure: Optional[OSError]) -> None:
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    if failure is None:  # another rank failed; this one wrote its part
-        raise CheckpointError(f"checkpoint {final}: another process failed to write its part; earlier checkpoints are untouched")
-    name = errno.errorcode.get(failure.errno or 0, "error")
+    # Every rank raises the same line, naming the rank that failed and why (issue 19).
+    rank, failure = _first_failure(accelerator, failure)
+    name = errno.errorcode.get(failure[0] or 0, "error")
+    world = accelerator.num_processes
+    who = f"rank {rank} of {world} could not write its part" if world > 1 else "could not be written"
     raise CheckpointError(
-        f"checkpoint {final}: could not be written ({name}: {failure.strerror or failure}); partial folder removed, "
+        f"checkpoint {final}: {who} ({name}: {failure[1]}); partial folder removed, "
         f"earlier checkpoints are untouched; free space or fix permissions, then --resume-from latest"
     )
+
+
+def _first_failure(accelerator: Accelerator, failure: Optional[OSError]) -> tuple[int, tuple[Optional[int], str]]:
+    """(rank, (errno, text)) of the lowest rank whose write failed, the same on every rank."""
+    mine = None if failure is None else (failure.errno, str(failure.strerror or failure))
+    if accelerator.num_processes == 1:
+        return 0, mine
+    from accelerate.utils import gather_object
+
+    every = gather_object([mine])  # one entry per rank, in rank order
+    return next((r, f) for r, f in enumerate(every) if f is not None)
 
 
 def _hash_files(folder: Path) -> dict[str, str]:

@@ -8,7 +8,7 @@
     fusion-distill fit-teacher RECIPE --out DIR [--task ctc|classification] [--column C] [--max-items N] [--device D]
     fusion-distill train RECIPE [--output-dir DIR] [--resume-from latest|DIR [--allow-recipe-change KEY[,KEY]]] [key=value ...]
     fusion-distill evaluate (RUN_DIR | STUDENT_DIR) [--checkpoint best|latest] [--teacher DIR] [--data DATA] [--no-probe] [--no-cost]
-    fusion-distill export (RUN_DIR | STUDENT_DIR) OUT_DIR [--onnx [--quantize int8] [--parity-data DATA]] [--push-to-hub REPO_ID]
+    fusion-distill export (RUN_DIR | STUDENT_DIR) OUT_DIR [--overwrite] [--onnx [--quantize int8] [--parity-data DATA]] [--push-to-hub REPO_ID]
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
     from .export import export_run, export_student_folder
 
     source = Path(args.run_dir)
-    onnx = dict(onnx=args.onnx, quantize=args.quantize, parity_data=args.parity_data)
+    onnx = dict(onnx=args.onnx, quantize=args.quantize, parity_data=args.parity_data, overwrite=args.overwrite)
     if not (source / "recipe.yaml").exists() and (source / "config.json").is_file():
         if not args.onnx:
             raise ValueError(f"{source} is already an exported student; add --onnx to give it ONNX graphs")
@@ -158,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a run folder, or an exported student folder (with --onnx)")
     p.add_argument("out_dir", help="the folder to write (may be the student folder itself with --onnx)")
     p.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload the folder to this Hub repo")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR even when it holds something other than "
+                   "a previous export (a previous export is always replaced whole)")
     p.add_argument("--onnx", action="store_true", help="also write model.onnx, checked against PyTorch "
                    '(needs pip install -e ".[onnx]")')
     p.add_argument("--quantize", choices=("int8",), help="also write model_int8.onnx (ONNX Runtime dynamic int8)")

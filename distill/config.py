@@ -15,6 +15,8 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .recipe_ranges import number_problem
+
 __all__ = [
     "RecipeError",
     "TeacherConfig",
@@ -187,6 +189,9 @@ def load_recipe(recipe: str | Path, overrides: list[str] | tuple[str, ...] = ())
         raise RecipeError(f"{path}: missing required key(s): {', '.join(missing)}")
     cfg: RecipeConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     _check_choices(cfg, path)
+    problem = number_problem(cfg)  # every numeric field: key, value and allowed range in one line
+    if problem:
+        raise RecipeError(f"{path}: {problem}")
     return cfg
 
 

@@ -25,6 +25,7 @@ from .checkpoint import checkpoint_info, find_checkpoint, load_weights_strict, n
 from .config import DataConfig, load_recipe
 from .data import make_eval_batches
 from .sources import load_audio_dataset
+from .staged_export import staged_export
 from .validation import read_eval_log
 
 __all__ = ["export_run", "export_student_folder", "parity_waveforms", "card_data_for_run"]
@@ -35,13 +36,15 @@ logger = logging.getLogger(__name__)
 
 def export_run(
     run_dir: str | Path, out_dir: str | Path, student=None, push_to_hub_id: str | None = None, checkpoint: str | Path | None = None,
-    *, onnx: bool = False, quantize: str | None = None, parity_data: str | None = None,
+    *, onnx: bool = False, quantize: str | None = None, parity_data: str | None = None, overwrite: bool = False,
 ) -> Path:
     """Export the run's student encoder; `student` (a DistillStudent, the final one) skips the
     checkpoint read; `checkpoint` names the folder to read (default: `export_checkpoint`).
 
     onnx: also write model.onnx (and with quantize="int8" model_int8.onnx) beside the HF files,
-    checked against PyTorch on a few utterances of `parity_data` (default: the run's dataset)."""
+    checked against PyTorch on a few utterances of `parity_data` (default: the run's dataset).
+    The folder is written aside and renamed into place (distill/staged_export.py); overwrite:
+    replace a non-empty `out_dir` that is not a previous export."""
     if onnx:
         require_onnx()  # before minutes of loading, not after
     run_dir = Path(run_dir)
@@ -57,12 +60,12 @@ def export_run(
     if bad:  # NaN != NaN: the reload check would fail with a traceback; a NaN model is no product anyway
         raise ValueError(f"{run_dir}: export refused: the student has {bad} non-finite weights (first: {first}); "
                          f"resume from an earlier checkpoint with a lower training.learning_rate")
-    if Path(out_dir).exists() and not Path(out_dir).is_dir():
-        raise FileExistsError(f"{out_dir}: is a file; export needs a folder path")
-    folder = export_student(encoder, out_dir, card_data_for_run(cfg, run_dir, step))
-    if onnx:
-        add_onnx(folder, encoder, *parity_waveforms(_parity_data_config(parity_data, cfg.data)), quantize=quantize,
-                 repo_id=push_to_hub_id)
+    with staged_export(out_dir, overwrite=overwrite, protect=(run_dir,)) as stage:
+        export_student(encoder, stage, card_data_for_run(cfg, run_dir, step))
+        if onnx:
+            add_onnx(stage, encoder, *parity_waveforms(_parity_data_config(parity_data, cfg.data)), quantize=quantize,
+                     repo_id=push_to_hub_id)
+    folder = Path(out_dir)
     if push_to_hub_id:
         push_to_hub(folder, push_to_hub_id)
     return folder
@@ -132,7 +135,7 @@ _PARITY_CANDIDATES = 32  # utterances read to choose them from
 
 def export_student_folder(
     student_dir: str | Path, out_dir: str | Path, *, onnx: bool = True, quantize: str | None = None,
-    parity_data: str | None = None, push_to_hub_id: str | None = None,
+    parity_data: str | None = None, push_to_hub_id: str | None = None, overwrite: bool = False,
 ) -> Path:
     """An exported student folder -> the same folder with its ONNX graphs (in place when
     out_dir is student_dir, else the HF files are copied first). Parity utterances: `parity_data`,
@@ -145,17 +148,17 @@ def export_student_folder(
     student_dir, out = Path(student_dir), Path(out_dir)
     if not (student_dir / "config.json").is_file():
         raise FileNotFoundError(f"{student_dir}: neither a training run (recipe.yaml) nor an exported student (config.json)")
-    if out.resolve() != student_dir.resolve():
-        out.mkdir(parents=True, exist_ok=True)
-        for name in EXPORT_FILES:
+    in_place = out.resolve() == student_dir.resolve()
+    with staged_export(out, overwrite=overwrite, protect=() if in_place else (student_dir,)) as stage:
+        for name in EXPORT_FILES:  # in place too: the folder is rebuilt aside, then swapped in
             if (student_dir / name).is_file():
-                shutil.copy2(student_dir / name, out / name)
-    encoder = AutoModel.from_pretrained(out).eval()
-    if onnx:
-        run = student_dir.parent
-        run_data = load_recipe(run / "recipe.yaml").data if (run / "recipe.yaml").is_file() else None
-        add_onnx(out, encoder, *parity_waveforms(_parity_data_config(parity_data, run_data)), quantize=quantize,
-                 repo_id=push_to_hub_id)
+                shutil.copy2(student_dir / name, stage / name)
+        encoder = AutoModel.from_pretrained(stage).eval()
+        if onnx:
+            run = student_dir.parent
+            run_data = load_recipe(run / "recipe.yaml").data if (run / "recipe.yaml").is_file() else None
+            add_onnx(stage, encoder, *parity_waveforms(_parity_data_config(parity_data, run_data)), quantize=quantize,
+                     repo_id=push_to_hub_id)
     if push_to_hub_id:
         push_to_hub(out, push_to_hub_id)
     return out

@@ -42,6 +42,9 @@ from .data import SkipCounter, load_audio_dataset, make_train_dataloader, rank_s
 from .export import export_run
 from .faults import StepHealth, StopSignals, check_writable, count_nonfinite_step, errno_name, preempt
 from .losses import distill_loss
+from .resume_logs import drop_records_after
+from .runlock import locked
+from .staged_export import ExportError
 from .validation import Evaluator
 
 __all__ = ["TrainState", "train", "loss_step"]
@@ -85,6 +88,7 @@ def loss_step(student, teacher, batch: dict, cos_weight: float) -> tuple[torch.T
     return distill_loss(out.predictions, targets.to(out.predictions.device), out.lengths, cos_weight)
 
 
+@locked("train", lambda cfg, *args, **kwargs: cfg.training.output_dir, kind="run folder")  # one writer per run folder
 def train(cfg: RecipeConfig, resume_from: str | None = None, allow_recipe_change: Sequence[str] = ()) -> Path:
     """Run the recipe; return the folder of the exported student.
 
@@ -166,6 +170,8 @@ def train(cfg: RecipeConfig, resume_from: str | None = None, allow_recipe_change
             if changes:
                 with open(out / "resume_log.jsonl", "a") as f:  # the run's history of recipe changes
                     f.write(json.dumps({"checkpoint": checkpoint.name, "step": state.step, **changes}, default=str) + "\n")
+        if accelerator.is_main_process:  # the killed run's lines past the checkpoint: they are redone
+            drop_records_after(out, state.step)
         accelerator.print(f"resumed from {checkpoint} at step {state.step}")
         if evaluator is not None:
             evaluator.forget_after(accelerator, state.step)
@@ -276,9 +282,10 @@ def train(cfg: RecipeConfig, resume_from: str | None = None, allow_recipe_change
                 export_run(out, export_dir, checkpoint=best)
             else:
                 export_run(out, export_dir, student=accelerator.unwrap_model(student))
-        except OSError as err:  # a half-written student folder would load as a broken model
-            shutil.rmtree(export_dir, ignore_errors=True)
-            raise CheckpointError(f"export to {export_dir} failed ({errno_name(err)}); partial folder removed, checkpoints untouched; "
+        except OSError as err:  # written aside and renamed (staged_export): export_dir is as it was
+            if isinstance(err, ExportError):  # already one line saying so
+                raise
+            raise CheckpointError(f"export to {export_dir} failed ({errno_name(err)}); nothing written there, checkpoints untouched; "
                                   f"free space, then: fusion-distill export {out} {export_dir}") from None
         accelerator.print(f"student exported to {export_dir}" + (f" from the best eval checkpoint {best.name}" if best else ""))
     accelerator.end_training()
