@@ -3,7 +3,7 @@
     python benchmarks/cache_vs_online.py [--steps 8] [--warmup 1] [--batch-size 4] [--crop-seconds 2]
                                          [--threads 2] [--json PATH] [--quick]
 
-One step = what the training loop does per batch: `distill.train.loss_step` (student forward and,
+One step = what the training loop does per batch: `distill.training.loop.loss_step` (student forward and,
 online, the teacher's forward on the crops; from the cache, `TargetCache.add_targets` reading the
 crops' targets from the safetensors shards), backward, AdamW step. Both teachers are built from
 configs with random weights at real size (weights do not change the cost): 1-up = WavLM Base+;
@@ -34,10 +34,10 @@ import soundfile as sf
 import torch
 
 from distill.build import build_distill_student, build_teacher
-from distill.cache import TargetCache, cache_targets
+from distill.cache.writer import TargetCache, cache_targets
 from distill.config import DataConfig, LossConfig, RecipeConfig, StudentConfig, TeacherConfig, TrainingConfig
-from distill.data import load_audio_dataset, make_train_dataloader
-from distill.train import loss_step
+from distill.data.loader import load_audio_dataset, make_train_dataloader
+from distill.training.loop import loss_step
 
 SR = 16000
 _WHISPER_COMMON = dict(vocab_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,

@@ -35,7 +35,7 @@ import torch
 from transformers import AutoConfig, AutoModel
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from distill.cost import (Cost, CostJob, audio_encoder_job, cost_table, fused_teacher_job, measure_jobs,
+from distill.evaluation.cost import (Cost, CostJob, audio_encoder_job, cost_table, fused_teacher_job, measure_jobs,
                           onnx_student_job, ratios, student_job, sum_costs, whisper_encoder_job)
 from students import PRESETS, build_student
 from students.onnx import FP32_TOLERANCE, INT8_MIN_COSINE, check_parity, export_onnx, quantize_int8, require_onnx
@@ -107,7 +107,7 @@ def measure(args: argparse.Namespace) -> tuple[list[Cost], dict[str, str]]:
     """All rows, and the reference row name of each teacher.
 
     Everything is built first and then timed in ONE set of interleaved rounds, so teachers and
-    students see the same machine load (see distill.cost).
+    students see the same machine load (see distill.evaluation.cost).
     """
     specs = TINY if args.quick else REAL
     wave = _wave(args.seconds)

@@ -7,7 +7,7 @@ On CUDA, in bf16, with random weights built from configs (weights do not change 
   3-upstream FusedTeacher.targets end to end (CHConv projection to 768, PCA-fitted), on
   `--teacher-batch` utterances of `--seconds`: audio seconds per second, TFLOP/s, MFU;
 - student: a shipped preset (default hubert_2l_768_conv256) plus prediction heads, one training
-  step = distill.train.loss_step under bf16 autocast (what Accelerate's mixed_precision=bf16
+  step = distill.training.loop.loss_step under bf16 autocast (what Accelerate's mixed_precision=bf16
   does) + backward + AdamW, on `--student-batch` crops of `--crop-seconds`, targets copied from
   pinned host memory as a cache read would: audio s/s, TFLOP/s, MFU; and the same step with the
   online 3-upstream teacher, for the GPU's own online / cache ratio.
@@ -40,8 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing the package
 
 try:  # the training step itself, not a copy of it: this needs the project's dependencies
-    from distill.cost import count_gflops
-    from distill.train import loss_step
+    from distill.evaluation.cost import count_gflops
+    from distill.training.loop import loss_step
     from students import PRESETS, DistillStudent, PredictionHeads, build_student
     from teachers import FusedTeacher, wav2vec_num_frames
 except ImportError as err:  # a bare CUDA image: say what to install, not a traceback

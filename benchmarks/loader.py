@@ -32,9 +32,9 @@ import soxr
 import torch
 
 from distill.build import build_teacher
-from distill.cache import TargetCache, cache_targets
+from distill.cache.writer import TargetCache, cache_targets
 from distill.config import load_recipe
-from distill.data import load_audio_dataset, make_train_dataloader
+from distill.data.loader import load_audio_dataset, make_train_dataloader
 
 
 def speech_like(seconds: float, rng: np.random.Generator, sr: int) -> np.ndarray:

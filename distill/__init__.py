@@ -9,7 +9,7 @@ def __getattr__(name: str):
     # The trainer pulls in Accelerate, transformers and both model packages; import it on use so
     # `fusion-distill --help` and recipe validation stay fast.
     if name == "train":
-        from .train import train
+        from .training.loop import train
 
         return train
     if name == "export_run":

@@ -21,7 +21,7 @@ __all__ = ["main"]
 
 def _cmd_train(args: argparse.Namespace) -> None:
     from .config import load_recipe
-    from .train import train
+    from .training.loop import train
 
     overrides = list(args.overrides)
     if args.output_dir:
@@ -75,7 +75,7 @@ def _cmd_inspect_teacher(args: argparse.Namespace) -> None:
 def _cmd_cache_targets(args: argparse.Namespace) -> None:
     from teachers import FusedTeacher
 
-    from .cache import cache_targets
+    from .cache.writer import cache_targets
     from .config import load_recipe
 
     cfg = load_recipe(args.recipe, args.overrides)
@@ -92,7 +92,7 @@ def _cmd_cache_targets(args: argparse.Namespace) -> None:
 
 
 def _cmd_verify_cache(args: argparse.Namespace) -> None:
-    from .cache import TargetCache
+    from .cache.writer import TargetCache
 
     cache = TargetCache.open(args.cache)
     size = cache.verify(progress=True)
@@ -113,7 +113,7 @@ def _cmd_fit_teacher(args: argparse.Namespace) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
-    from .evaluate import DEFAULT_PROBE_TASKS, evaluate, format_report
+    from .evaluation.suite import DEFAULT_PROBE_TASKS, evaluate, format_report
 
     result = evaluate(
         args.target, teacher=args.teacher, data=args.data, out_dir=args.out_dir,

@@ -121,7 +121,7 @@ class TrainingConfig:
     # A step whose loss or gradient norm is NaN/inf is not applied; after this many in a row the
     # run stops and names the newest good checkpoint (a diverged run rarely recovers by itself).
     max_nonfinite_steps: int = 10
-    # Held-out evaluation during training (distill/validation.py): every eval_steps optimizer
+    # Held-out evaluation during training (distill/training/validation.py): every eval_steps optimizer
     # steps and at the end, on data.eval_split_name. None: no evaluation while training.
     eval_steps: Optional[int] = None
     eval_max_items: int = 200  # eval utterances (the same crops every time); their targets stay in RAM

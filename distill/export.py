@@ -21,11 +21,11 @@ from students.export import EXPORT_FILES
 from students.onnx import require_onnx
 
 from .build import student_config
-from .checkpoint import checkpoint_info, find_checkpoint, load_weights_strict, nonfinite_weights, read_best
+from .training.checkpoint import checkpoint_info, find_checkpoint, load_weights_strict, nonfinite_weights, read_best
 from .config import DataConfig, load_recipe
-from .data import make_eval_batches
-from .sources import load_audio_dataset
-from .validation import read_eval_log
+from .data.loader import make_eval_batches
+from .data.sources import load_audio_dataset
+from .training.validation import read_eval_log
 
 __all__ = ["export_run", "export_student_folder", "parity_waveforms", "card_data_for_run"]
 

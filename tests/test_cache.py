@@ -16,12 +16,12 @@ import pytest
 import soundfile as sf
 import torch
 
-from distill.audio import decode_audio
+from distill.data.audio import decode_audio
 from distill.build import build_distill_student, build_teacher
-from distill.cache import CacheError, TargetCache, cache_targets
+from distill.cache.writer import CacheError, TargetCache, cache_targets
 from distill.config import load_recipe
-from distill.data import load_audio_dataset, make_train_dataloader
-from distill.train import loss_step
+from distill.data.loader import load_audio_dataset, make_train_dataloader
+from distill.training.loop import loss_step
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "data" / "demo"

@@ -19,12 +19,12 @@ import pytest
 import soundfile as sf
 import torch
 
-from distill.audio import decode_audio
-from distill.cache import CacheError, TargetCache, cache_targets
+from distill.data.audio import decode_audio
+from distill.cache.writer import CacheError, TargetCache, cache_targets
 from distill.cli import main as cli_main
 from distill.config import load_recipe
-from distill.target_cache import encode_targets
-from distill.train import train
+from distill.cache.reader import encode_targets
+from distill.training.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 FRAMES = {"a": 40, "b": 40, "c": 55, "d": 30, "e": 70}

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from distill.checkpoint import COMPLETE_MARKER, _rotate, find_checkpoint, list_checkpoints, load_weights_strict
+from distill.training.checkpoint import COMPLETE_MARKER, _rotate, find_checkpoint, list_checkpoints, load_weights_strict
 
 
 def _checkpoint(run, step, complete=True, name=None):

@@ -1,4 +1,4 @@
-"""Evaluation while training (distill/validation.py): records, best checkpoint, early stopping,
+"""Evaluation while training (distill/training/validation.py): records, best checkpoint, early stopping,
 exactness and resume, through the real CLI on the demo recipe; plus the pure pieces."""
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distill.audio import HOP, crop_length
-from distill.checkpoint import BEST_FILE, BEST_MARKER, COMPLETE_MARKER, _rotate, mark_best
+from distill.data.audio import HOP, crop_length
+from distill.training.checkpoint import BEST_FILE, BEST_MARKER, COMPLETE_MARKER, _rotate, mark_best
 from distill.config import RecipeError, load_recipe
-from distill.data import load_audio_dataset
-from distill.validation import convergence_report, evals_since_best, fixed_crops, read_eval_log, relative_slope
+from distill.data.loader import load_audio_dataset
+from distill.training.validation import convergence_report, evals_since_best, fixed_crops, read_eval_log, relative_slope
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = ["teacher.pca_max_utterances=8", "data.max_crop_seconds=1.0", "training.logging_steps=1", "training.report_to=none"]

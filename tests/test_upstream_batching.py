@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 from test_cache import _demo_recipe, corpus  # noqa: F401  (corpus: the module fixture, reused)
 
 from distill.build import build_teacher
-from distill.cache import cache_targets
-from distill.data import load_audio_dataset
+from distill.cache.writer import cache_targets
+from distill.data.loader import load_audio_dataset
 from teachers import load_upstream
 from teachers.upstream import padding_invariant
 

@@ -1,4 +1,4 @@
-"""Reading a target cache written by `cache-targets` (distill/cache.py), and the format both sides share.
+"""Reading a target cache written by `cache-targets` (distill/cache/writer.py), and the format both sides share.
 
 Storage dtypes (the manifest's "dtype", `cache-targets --dtype` / `data.targets_cache_dtype`):
 - float16: per utterance a float16 (K, T, D) tensor keyed `utt00000`.. (index inside the shard);
@@ -27,9 +27,9 @@ from tqdm.auto import tqdm
 
 from teachers import CONFIG_NAME, read_saved_config, wav2vec_num_frames
 
-from .audio import HOP
-from .build import teacher_config_diffs
-from .config import DataConfig, TeacherConfig
+from ..data.audio import HOP
+from ..build import teacher_config_diffs
+from ..config import DataConfig, TeacherConfig
 
 __all__ = ["CacheError", "TargetCache", "DTYPES", "MANIFEST_NAME", "TEACHER_DIR", "encode_targets"]
 

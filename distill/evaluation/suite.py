@@ -13,13 +13,13 @@ names it ("checkpoint": path, step, which rule picked it, the run's best and new
    utterances (the recipe's eval split), pooled over frames. It needs the prediction heads, which
    only a run folder has (in its checkpoints); an exported student folder has none, so the
    section is skipped there and says so.
-2. Probes (SUPERB style, distill/probe.py): frozen features + weighted sum + small head, for each
+2. Probes (SUPERB style, distill/evaluation/probe.py): frozen features + weighted sum + small head, for each
    task in `probe_tasks` ("kind:column", any column of the dataset), for the student, the fused
    teacher and every single upstream, with one budget (steps, learning rate, seed) for all; each
    model's features are extracted once for all tasks. An exported folder with `model.onnx` also
    probes its int8 graph (`model_int8.onnx`, quantised into OUT when absent), so the table shows
    what int8 costs in task score.
-3. Cost (distill/cost.py): params, GFLOPs and median CPU latency on `cost_seconds` of audio for
+3. Cost (distill/evaluation/cost.py): params, GFLOPs and median CPU latency on `cost_seconds` of audio for
    the same models (and an exported folder's ONNX graphs under ONNX Runtime), all in fp32 on the CPU (a bf16 or GPU teacher is cast and moved for the
    measurement and put back afterwards), with speed-up and size ratios against the fused teacher.
 
@@ -50,18 +50,18 @@ from students import DistillStudent
 from students.onnx import INT8_FILE, ONNX_FILE, quantize_int8, require_onnx
 from teachers import FusedTeacher, frame_mask
 
-from .audio import RECEPTIVE_FIELD
-from .build import build_distill_student, single_upstream_teacher, upstream_names
-from .checkpoint import checkpoint_info, find_checkpoint, list_checkpoints, load_weights_strict, read_best
-from .config import DataConfig, load_recipe
+from ..data.audio import RECEPTIVE_FIELD
+from ..build import build_distill_student, single_upstream_teacher, upstream_names
+from ..training.checkpoint import checkpoint_info, find_checkpoint, list_checkpoints, load_weights_strict, read_best
+from ..config import DataConfig, load_recipe
 from .cost import (Cost, audio_encoder_job, fused_teacher_job, measure_jobs, onnx_student_job, ratios, student_job,
                    whisper_encoder_job)
-from .data import load_audio_dataset, make_eval_batches
-from .export import export_checkpoint
+from ..data.loader import load_audio_dataset, make_eval_batches
+from ..export import export_checkpoint
 # The format_* helpers are re-exported here: `evaluate` and its tables are one surface for the CLI.
 from .plots import format_checkpoint, format_cost, format_probes, format_report, format_similarity, plot_layer_similarity, plot_probe_scores
 from .probe import ProbeTask, hf_encoder_extractor, is_missing, onnx_extractor, run_probes, teacher_extractor
-from .validation import read_eval_log
+from ..training.validation import read_eval_log
 
 __all__ = [
     "EvalTarget", "load_target", "evaluate", "prediction_similarity", "probe_all", "cost_all",
@@ -85,7 +85,7 @@ class EvalTarget:
 
     kind: "run" or "student"; encoder: the stock HF encoder (what ships); normalize: whether it
     expects zero-mean unit-variance audio (None: its folder's preprocessor_config.json decides,
-    as distill.probe.hf_encoder_extractor reads it); student: encoder +
+    as distill.evaluation.probe.hf_encoder_extractor reads it); student: encoder +
     heads (runs only); teacher and data: None when neither the run nor the caller names them;
     source: the checkpoint or folder the weights came from; checkpoint (runs only): which
     checkpoint that is and why, as eval.json records it (see `_run_checkpoint`).

@@ -35,7 +35,7 @@ import torch
 from accelerate import Accelerator
 from omegaconf import OmegaConf
 
-from .config import RecipeConfig, RecipeError, load_recipe
+from ..config import RecipeConfig, RecipeError, load_recipe
 
 __all__ = [
     "CHECKPOINT_PREFIX", "BEST_FILE", "CheckpointError", "save_checkpoint", "list_checkpoints", "find_checkpoint",

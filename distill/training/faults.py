@@ -28,7 +28,7 @@ import torch
 from accelerate import Accelerator
 
 from .checkpoint import CHECKPOINT_PREFIX, CheckpointError, list_checkpoints, mark_diverged, save_checkpoint
-from .config import RecipeConfig
+from ..config import RecipeConfig
 
 __all__ = [
     "StopSignals", "Preempted", "TrainingDiverged", "StepHealth", "EXIT_CODES", "errno_name", "check_writable",

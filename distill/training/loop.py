@@ -6,7 +6,7 @@ mixed precision, gradient accumulation, checkpoint state and trackers; the loop 
     fusion-distill train recipes/demo.yaml --output-dir runs/demo
     accelerate launch -m distill train RECIPE        # many GPUs (or ACCELERATE_USE_CPU=1 --multi_gpu)
 
-Faults (distill/faults.py, distill/checkpoint.py): a step with a non-finite loss or gradient norm
+Faults (distill/training/faults.py, distill/training/checkpoint.py): a step with a non-finite loss or gradient norm
 is not applied, and too many in a row stop the run naming the newest good checkpoint; SIGTERM or
 SIGINT finishes the optimizer step, saves and exits 143/130; a resume refuses recipe changes that
 would make it differ from an uninterrupted run; a damaged newest checkpoint is passed over.
@@ -31,15 +31,15 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from .build import build_distill_student, build_teacher
-from .cache import TargetCache
+from ..build import build_distill_student, build_teacher
+from ..cache.writer import TargetCache
 from .checkpoint import (
     CHECKPOINT_PREFIX, CheckpointError, any_rank, check_resume_recipe, describe_changes, find_checkpoint, mark_best,
     save_checkpoint,
 )
-from .config import RecipeConfig, RecipeError
-from .data import SkipCounter, load_audio_dataset, make_train_dataloader, rank_share
-from .export import export_run
+from ..config import RecipeConfig, RecipeError
+from ..data.loader import SkipCounter, load_audio_dataset, make_train_dataloader, rank_share
+from ..export import export_run
 from .faults import StepHealth, StopSignals, check_writable, count_nonfinite_step, errno_name, preempt
 from .losses import distill_loss
 from .validation import Evaluator

@@ -2,7 +2,7 @@
 
 Every `training.eval_steps` optimizer steps (and at the end) the student is scored on
 `data.eval_split_name` against the teacher's targets: per target layer the L1, the cosine and
-the loss of distill.losses.distill_loss, pooled over the VALID frames of every eval utterance
+the loss of distill.training.losses.distill_loss, pooled over the VALID frames of every eval utterance
 and of every rank (sums of frame-weighted figures and frame counts are reduced, never means of
 means). The crops never change: whole utterances up to `data.max_crop_seconds`, longer ones cut
 at a frame-aligned start drawn from a generator seeded with the recipe seed and the row index,
@@ -32,10 +32,10 @@ from accelerate import Accelerator
 
 from teachers import FusedTeacher
 
-from .audio import HOP, crop_length
-from .cache import TargetCache
-from .config import RecipeConfig
-from .data import load_audio_dataset, make_eval_batches
+from ..data.audio import HOP, crop_length
+from ..cache.writer import TargetCache
+from ..config import RecipeConfig
+from ..data.loader import load_audio_dataset, make_eval_batches
 from .losses import distill_loss
 
 __all__ = [

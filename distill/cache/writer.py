@@ -13,7 +13,7 @@
   never separated from its teacher;
 - `shard-00000.safetensors`, ...: one shard per `shard_size` dataset rows in dataset order;
   per utterance its targets (float16, or int8 codes + float16 per-frame scales: see
-  distill/target_cache.py) for the whole utterance on the wav2vec frame grid (hop 320,
+  distill/cache/reader.py) for the whole utterance on the wav2vec frame grid (hop 320,
   400-sample receptive field, 49 frames for 1.0 s), plus `num_frames` (n,) int64;
 - `manifest.json`: format, teacher hash, layer ids, target_dim, dtype, frame grid, per shard
   its sha256, size, ids, frame and sample counts, and what was skipped and why.
@@ -52,11 +52,11 @@ from tqdm.auto import tqdm
 from teachers import CONFIG_NAME, FusedTeacher, wav2vec_num_frames
 from teachers.fused import WEIGHTS_NAME
 
-from .audio import HOP, RECEPTIVE_FIELD, BadAudio, decode_audio
-from .build import build_teacher
-from .config import RecipeConfig
-from .data import load_audio_dataset
-from .target_cache import (
+from ..data.audio import HOP, RECEPTIVE_FIELD, BadAudio, decode_audio
+from ..build import build_teacher
+from ..config import RecipeConfig
+from ..data.loader import load_audio_dataset
+from .reader import (
     DTYPES, FORMAT, MANIFEST_NAME, TEACHER_DIR, VERSION, CacheError, TargetCache, _key, _sha256, encode_targets,
     refuse_streaming,
 )
