@@ -16,6 +16,8 @@ import argparse
 import logging
 import sys
 
+from .runs import CHECKPOINT_CHOICES, is_run
+
 __all__ = ["main"]
 
 
@@ -49,7 +51,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
     source = Path(args.run_dir)
     onnx = dict(onnx=args.onnx, quantize=args.quantize, parity_data=args.parity_data)
-    if not (source / "recipe.yaml").exists() and (source / "config.json").is_file():
+    if not is_run(source) and (source / "config.json").is_file():
         if not args.onnx:
             raise ValueError(f"{source} is already an exported student; add --onnx to give it ONNX graphs")
         folder = export_student_folder(source, args.out_dir, push_to_hub_id=args.push_to_hub, **onnx)
@@ -191,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="student vs fused teacher: prediction similarity, probes, cost")
     p.add_argument("target", help="a run folder (train --output-dir) or an exported student folder")
     p.add_argument("overrides", nargs="*", help="dotted recipe overrides, e.g. data.eval_split_name=dev")
-    p.add_argument("--checkpoint", choices=("best", "latest"),
+    p.add_argument("--checkpoint", choices=CHECKPOINT_CHOICES,
                    help="which checkpoint of a run folder to score: best (default: the one the exported student came "
                    "from, i.e. the best eval checkpoint when the run recorded one, else the newest) or latest (the newest)")
     p.add_argument("--teacher", help="a saved FusedTeacher folder (default: RUN/teacher)")

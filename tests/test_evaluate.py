@@ -26,7 +26,8 @@ from safetensors.torch import load_file
 from conftest import make_wave
 
 from distill.build import build_distill_student, build_teacher
-from distill.training.checkpoint import BEST_FILE, mark_best, save_checkpoint
+from distill.runs import BEST_FILE
+from distill.training.checkpoint import mark_best, save_checkpoint
 from distill.cli import main as cli_main
 from distill.config import load_recipe
 from distill.data.loader import load_audio_dataset, make_eval_batches

@@ -24,9 +24,11 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
+from distill.runs import (
+    COMPLETE_MARKER, DIVERGED_MARKER, CheckpointError, checkpoint_info, find_checkpoint, list_checkpoints, verify_checkpoint,
+)
 from distill.training.checkpoint import (
-    COMPLETE_MARKER, DIVERGED_MARKER, SAFE_TO_CHANGE, CheckpointError, _hash_files, check_resume_recipe, checkpoint_info,
-    find_checkpoint, list_checkpoints, mark_diverged, nonfinite_weights, save_checkpoint, verify_checkpoint,
+    SAFE_TO_CHANGE, _hash_files, check_resume_recipe, mark_diverged, nonfinite_weights, save_checkpoint,
 )
 from distill.config import RecipeError, load_recipe
 from distill.training.faults import check_writable
@@ -88,7 +90,7 @@ def test_marker_records_every_file_and_a_damaged_one_is_named(tiny, tmp_path, ca
     weights = newest / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-7])  # truncated, as by a full disk or a killed copy
     assert "model.safetensors is damaged" in verify_checkpoint(newest)
-    with caplog.at_level(logging.WARNING, logger="distill.training.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="distill.runs"):
         assert find_checkpoint(tmp_path, "latest") == older
     assert any("checkpoint-2/model.safetensors is damaged" in r.message and "using checkpoint-1" in r.message for r in caplog.records)
     with pytest.raises(CheckpointError, match=r"checkpoint-2/model.safetensors is damaged") as err:
@@ -325,7 +327,7 @@ def test_damaged_newest_checkpoint_falls_back_and_still_ends_equal(reference, tm
 
     resumed = _cli(*args, "--output-dir", run, "--resume-from", "latest")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    warnings = [ln for ln in resumed.stderr.splitlines() if ln.startswith("WARNING distill.training.checkpoint")]
+    warnings = [ln for ln in resumed.stderr.splitlines() if ln.startswith("WARNING distill.runs")]
     assert len(warnings) == 1 and "checkpoint-6/model.safetensors" in warnings[0] and "using checkpoint-4" in warnings[0]
     assert "resumed from" in resumed.stdout and "checkpoint-4 at step 4" in resumed.stdout
     assert _max_diff(_weights(full / "checkpoint-6"), _weights(run / "checkpoint-6")) <= 1e-6

@@ -16,10 +16,11 @@ import torch
 from safetensors.torch import load_file
 
 from distill.data.audio import HOP, crop_length
-from distill.training.checkpoint import BEST_FILE, BEST_MARKER, COMPLETE_MARKER, _rotate, mark_best
+from distill.runs import BEST_FILE, BEST_MARKER, COMPLETE_MARKER, read_eval_log
+from distill.training.checkpoint import _rotate, mark_best
 from distill.config import RecipeError, load_recipe
 from distill.data.loader import load_audio_dataset
-from distill.training.validation import convergence_report, evals_since_best, fixed_crops, read_eval_log, relative_slope
+from distill.training.validation import convergence_report, evals_since_best, fixed_crops, relative_slope
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = ["teacher.pca_max_utterances=8", "data.max_crop_seconds=1.0", "training.logging_steps=1", "training.report_to=none"]

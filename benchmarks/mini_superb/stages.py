@@ -30,7 +30,7 @@ from distill.evaluation.cost import audio_encoder_job, fused_teacher_job, measur
 from distill.data.loader import load_audio_dataset, make_eval_batches
 from distill.evaluation.metrics import ctc_greedy, error_rate
 from distill.evaluation.probe import ProbeTask, hf_encoder_extractor, run_probes, teacher_extractor
-from distill.training.validation import read_eval_log
+from distill.runs import read_eval_log
 from teachers import FusedTeacher
 
 from .config import BenchmarkConfig

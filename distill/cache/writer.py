@@ -54,10 +54,11 @@ from teachers.fused import WEIGHTS_NAME
 
 from ..data.audio import HOP, RECEPTIVE_FIELD, BadAudio, decode_audio
 from ..build import build_teacher
+from ..checksums import sha256_file
 from ..config import RecipeConfig
 from ..data.loader import load_audio_dataset
 from .reader import (
-    DTYPES, FORMAT, MANIFEST_NAME, TEACHER_DIR, VERSION, CacheError, TargetCache, _key, _sha256, encode_targets,
+    DTYPES, FORMAT, MANIFEST_NAME, TEACHER_DIR, VERSION, CacheError, TargetCache, _key, encode_targets,
     refuse_streaming,
 )
 
@@ -234,7 +235,7 @@ def _shard_done(out: Path, entry: Optional[dict], row_ids: list[str]) -> bool:
         return False
     if set(row_ids) != set(entry["ids"]) | set(entry["skipped_ids"]):
         raise CacheError(f"cache {out}: {entry['file']} holds other utterances than the dataset now has; use a new folder")
-    return _sha256(out / entry["file"]) == entry["sha256"]
+    return sha256_file(out / entry["file"]) == entry["sha256"]
 
 
 def _write_shard(
@@ -264,7 +265,7 @@ def _write_shard(
                                            "dtype": manifest["dtype"]})
     os.replace(tmp, out / name)  # a crash never leaves a half-written shard under the real name
     return {
-        "index": index, "file": name, "sha256": _sha256(out / name), "bytes": (out / name).stat().st_size,
+        "index": index, "file": name, "sha256": sha256_file(out / name), "bytes": (out / name).stat().st_size,
         "rows": len(rows), "utterances": len(ids),
         "frames": sum(frames), "ids": ids, "num_frames": frames, "num_samples": [len(w) for _, w in kept],
         "skipped": dict(Counter(skipped_ids.values())), "skipped_ids": skipped_ids,
@@ -317,7 +318,7 @@ def _save_json(path: Path, value: dict) -> None:
 
 
 def _teacher_checksums(folder: Path) -> dict[str, str]:
-    return {name: _sha256(folder / name) for name in (CONFIG_NAME, WEIGHTS_NAME)}
+    return {name: sha256_file(folder / name) for name in (CONFIG_NAME, WEIGHTS_NAME)}
 
 
 def _short(value: Any) -> str:

@@ -52,16 +52,15 @@ from teachers import FusedTeacher, frame_mask
 
 from ..data.audio import RECEPTIVE_FIELD
 from ..build import build_distill_student, single_upstream_teacher, upstream_names
-from ..training.checkpoint import checkpoint_info, find_checkpoint, list_checkpoints, load_weights_strict, read_best
-from ..config import DataConfig, load_recipe
+from ..runs import CHECKPOINT_CHOICES, TEACHER_DIR, choose_checkpoint, is_run, read_eval_log, read_recipe
+from ..training.checkpoint import load_weights_strict
+from ..config import DataConfig
 from .cost import (Cost, audio_encoder_job, fused_teacher_job, measure_jobs, onnx_student_job, ratios, student_job,
                    whisper_encoder_job)
 from ..data.loader import load_audio_dataset, make_eval_batches
-from ..export import export_checkpoint
 # The format_* helpers are re-exported here: `evaluate` and its tables are one surface for the CLI.
 from .plots import format_checkpoint, format_cost, format_probes, format_report, format_similarity, plot_layer_similarity, plot_probe_scores
 from .probe import ProbeTask, hf_encoder_extractor, is_missing, onnx_extractor, run_probes, teacher_extractor
-from ..training.validation import read_eval_log
 
 __all__ = [
     "EvalTarget", "load_target", "evaluate", "prediction_similarity", "probe_all", "cost_all",
@@ -76,7 +75,6 @@ STUDENT_ONNX_INT8, STUDENT_ONNX_FP32 = "student (ONNX int8)", "student (ONNX fp3
 DEFAULT_PROBE_TASKS = ("ctc:text", "classification:label")
 PLOT_NAME, JSON_NAME = "layer_similarity.png", "eval.json"
 PROBE_PLOT_NAME = "probe_scores.png"
-CHECKPOINT_CHOICES = ("best", "latest")  # which checkpoint of a run folder is scored
 
 
 @dataclass
@@ -88,7 +86,7 @@ class EvalTarget:
     as distill.evaluation.probe.hf_encoder_extractor reads it); student: encoder +
     heads (runs only); teacher and data: None when neither the run nor the caller names them;
     source: the checkpoint or folder the weights came from; checkpoint (runs only): which
-    checkpoint that is and why, as eval.json records it (see `_run_checkpoint`).
+    checkpoint that is and why, as eval.json records it (see `distill.runs.choose_checkpoint`).
     """
 
     kind: str
@@ -119,14 +117,14 @@ def load_target(
     path = Path(target)
     if checkpoint is not None and checkpoint not in CHECKPOINT_CHOICES:
         raise ValueError(f"checkpoint {checkpoint!r}: expected one of {', '.join(CHECKPOINT_CHOICES)}")
-    if (path / "recipe.yaml").is_file():
-        cfg = load_recipe(path / "recipe.yaml", list(overrides))
-        fused = FusedTeacher.from_pretrained(teacher or path / "teacher")
+    if is_run(path):
+        cfg = read_recipe(path, overrides)
+        fused = FusedTeacher.from_pretrained(teacher or path / TEACHER_DIR)
         # The checkpoint overwrites every weight, and a --teacher with other upstreams could not
         # give the initial copy anyway.
         cfg.student.init_from_upstream = None
         student = build_distill_student(cfg, fused)
-        source, record = _run_checkpoint(cfg, path, checkpoint or "best")
+        source, record = choose_checkpoint(cfg, path, checkpoint or "best")
         logger.info("%s", format_checkpoint(record))
         _load_strict(student, source / "model.safetensors", fused)
         student.eval()
@@ -140,45 +138,16 @@ def load_target(
     from transformers import AutoModel
 
     encoder = AutoModel.from_pretrained(path).eval()
-    run = path.parent if (path.parent / "recipe.yaml").is_file() else None
+    run = path.parent if is_run(path.parent) else None
     if run is not None:
-        data_cfg = load_recipe(run / "recipe.yaml", list(overrides)).data
+        data_cfg = read_recipe(run, overrides).data
         data_cfg.dataset_name = data or data_cfg.dataset_name
-        teacher = teacher or (run / "teacher" if (run / "teacher").is_dir() else None)
+        teacher = teacher or (run / TEACHER_DIR if (run / TEACHER_DIR).is_dir() else None)
     else:
         data_cfg = _bare_data_config(data, overrides)
     fused = FusedTeacher.from_pretrained(teacher) if teacher else None
     graphs = {precision: path / name for precision, name in (("fp32", ONNX_FILE), ("int8", INT8_FILE)) if (path / name).is_file()}
     return EvalTarget("student", path, encoder, None, path, None, fused, data_cfg, graphs)
-
-
-def _run_checkpoint(cfg, run: Path, which: str) -> tuple[Path, dict[str, Any]]:
-    """The checkpoint folder to score and its record for eval.json.
-
-    "best" is what `export` reads (`export_checkpoint`), so the scores are those of the exported
-    student: the best eval checkpoint when the run recorded one and training.load_best_at_end is
-    not false, else the newest. "latest" is the newest intact one. The record: path, step,
-    requested, picked ("best" when it is the run's best eval checkpoint, else "latest"), why
-    (the reason for "latest"), best_step (None without evaluation while training), newest_step.
-    """
-    source = export_checkpoint(cfg, run) if which == "best" else find_checkpoint(run, "latest")
-    best, newest = read_best(run), list_checkpoints(run)
-    picked = "best" if best is not None and source.name == best["checkpoint"] else "latest"
-    if picked == "best":
-        why = "the best eval checkpoint"
-    elif best is None:
-        why = "the run recorded no best eval checkpoint"
-    elif which == "latest":
-        why = "asked for"
-    elif cfg.training.load_best_at_end is False:
-        why = "training.load_best_at_end is false"
-    else:
-        why = f"the best eval checkpoint {best['checkpoint']} is gone"
-    return source, {
-        "path": str(source), "step": checkpoint_info(source)["step"], "requested": which, "picked": picked,
-        "why": why, "best_step": best["step"] if best is not None else None,
-        "newest_step": checkpoint_info(newest[-1])["step"] if newest else None,
-    }
 
 
 def _load_strict(student: DistillStudent, weights_path: Path, teacher: FusedTeacher) -> None:

@@ -15,7 +15,6 @@ would make it differ from an uninterrupted run; a damaged newest checkpoint is p
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import shutil
 import time
@@ -27,16 +26,16 @@ import datasets
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, broadcast_object_list, send_to_device, set_seed
-from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from ..build import build_distill_student, build_teacher
 from ..cache.writer import TargetCache
-from .checkpoint import (
-    CHECKPOINT_PREFIX, CheckpointError, any_rank, check_resume_recipe, describe_changes, find_checkpoint, mark_best,
-    save_checkpoint,
+from ..runs import (
+    RESUME_LOG, STUDENT_DIR, TEACHER_DIR, TRAIN_LOG, CheckpointError, append_log, checkpoint_dir, find_checkpoint, save_recipe,
+    shipped_step,
 )
+from .checkpoint import any_rank, check_resume_recipe, describe_changes, mark_best, save_checkpoint
 from ..config import RecipeConfig, RecipeError
 from ..data.loader import SkipCounter, load_audio_dataset, make_train_dataloader, rank_share
 from ..export import export_run
@@ -109,7 +108,7 @@ def train(cfg: RecipeConfig, resume_from: str | None = None, allow_recipe_change
     checkpoint, changes = _resume_checkpoint(accelerator, out, resume_from, cfg, allow_recipe_change) if resume_from else (None, {})
     set_seed(t.seed)
     if accelerator.is_main_process and checkpoint is None:
-        OmegaConf.save(OmegaConf.structured(cfg), out / "recipe.yaml")
+        save_recipe(cfg, out)
 
     # --- build: data, teacher (fitted once, saved with the run), student ---
     with accelerator.main_process_first():  # one rank downloads and reads headers; the rest reuse its cache
@@ -123,7 +122,7 @@ def train(cfg: RecipeConfig, resume_from: str | None = None, allow_recipe_change
         cache = TargetCache.open(cfg.data.targets_cache, layer_ids=cfg.teacher.target_layers, verify=True)
         cache.check_recipe(cfg.teacher)
         if accelerator.is_main_process:
-            shutil.copytree(cache.teacher_dir, out / "teacher", dirs_exist_ok=True)
+            shutil.copytree(cache.teacher_dir, out / TEACHER_DIR, dirs_exist_ok=True)
         teacher, min_samples = None, cache.min_samples
         student = build_distill_student(
             cfg, target_dim=cache.target_dim, num_targets=len(cache.layer_ids), upstream_specs=cache.teacher_config["upstreams"]
@@ -131,7 +130,7 @@ def train(cfg: RecipeConfig, resume_from: str | None = None, allow_recipe_change
     else:
         cache = None
         with accelerator.main_process_first():  # rank 0 fits and saves; the others load that file
-            teacher = build_teacher(cfg, train_set, out / "teacher", device=accelerator.device)
+            teacher = build_teacher(cfg, train_set, out / TEACHER_DIR, device=accelerator.device)
         min_samples = teacher.min_samples
         student = build_distill_student(cfg, teacher)
     optimizer = torch.optim.AdamW(student.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
@@ -162,10 +161,9 @@ def train(cfg: RecipeConfig, resume_from: str | None = None, allow_recipe_change
             raise CheckpointError(f"{checkpoint}: cannot be loaded into this recipe's student: {detail}") from None
         _apply_optimizer_recipe(optimizer, scheduler, t)
         if accelerator.is_main_process:  # only now: a resume that failed leaves the run's recipe as it was
-            OmegaConf.save(OmegaConf.structured(cfg), out / "recipe.yaml")
-            if changes:
-                with open(out / "resume_log.jsonl", "a") as f:  # the run's history of recipe changes
-                    f.write(json.dumps({"checkpoint": checkpoint.name, "step": state.step, **changes}, default=str) + "\n")
+            save_recipe(cfg, out)
+            if changes:  # the run's history of recipe changes
+                append_log(out, RESUME_LOG, {"checkpoint": checkpoint.name, "step": state.step, **changes})
         accelerator.print(f"resumed from {checkpoint} at step {state.step}")
         if evaluator is not None:
             evaluator.forget_after(accelerator, state.step)
@@ -268,7 +266,7 @@ def train(cfg: RecipeConfig, resume_from: str | None = None, allow_recipe_change
         accelerator.print(skipped.summary())
     if evaluator is not None:
         accelerator.print(evaluator.report(state))
-    export_dir = out / "student"
+    export_dir = out / STUDENT_DIR
     if accelerator.is_main_process:
         best = _best_to_export(cfg, state, out)
         try:
@@ -286,11 +284,9 @@ def train(cfg: RecipeConfig, resume_from: str | None = None, allow_recipe_change
 
 
 def _best_to_export(cfg: RecipeConfig, state: TrainState, out: Path) -> Optional[Path]:
-    """The best eval checkpoint when load_best_at_end asks for it and it is not the final student."""
-    load_best = cfg.training.load_best_at_end
-    if load_best is False or cfg.training.eval_steps is None or state.best_step in (None, state.step):
-        return None
-    return out / f"{CHECKPOINT_PREFIX}{state.best_step}"
+    """The checkpoint that ships when it is not the final student (the best eval one, by runs' rule)."""
+    step = shipped_step(cfg, state.best_step)
+    return None if step in (None, state.step) else checkpoint_dir(out, step)
 
 
 def _apply_optimizer_recipe(optimizer, scheduler, t) -> None:
@@ -360,8 +356,7 @@ def _log(accelerator: Accelerator, state: TrainState, loss, parts: dict, schedul
     record.update({key: accelerator.reduce(v, reduction="mean").item() for key, v in parts.items()})
     accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=state.step)
     if accelerator.is_main_process:
-        with open(out / "train_log.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_log(out, TRAIN_LOG, record)
 
 
 def _weights_digest(model: torch.nn.Module) -> str:
