@@ -187,19 +187,24 @@ def load_recipe(recipe: str | Path, overrides: list[str] | tuple[str, ...] = ())
 
 
 _CHOICES = {
-    ("teacher", "fusion"): ("weighted_sum", "hconv", "chconv", "add_hconv"),
-    ("teacher", "projection_fit"): ("pca", "supervised", "none"),
-    ("teacher", "target_mode"): ("chconv", "concat", "average"),
-    ("teacher", "projection_balance"): ("none", "equal_variance", "split"),
     ("teacher", "dtype"): ("float32", "bfloat16"),
-    ("student", "arch"): ("hubert", "wavlm", "wav2vec2"),
     ("student", "head_mode"): ("predict", "layer_to_layer"),
     ("training", "mixed_precision"): ("no", "bf16", "fp16"),
 }
 
 
+def _choices() -> dict[tuple[str, str], tuple[str, ...]]:
+    """Allowed values per (section, key): the teacher's settings and the student archs come from
+    the packages that implement them (imported here, on use: they load torch and transformers)."""
+    from students import ARCHS
+    from teachers.fused import CHOICES
+
+    teacher = {("teacher", key): tuple(CHOICES[key]) for key in ("fusion", "projection_fit", "target_mode", "projection_balance")}
+    return {**teacher, **_CHOICES, ("student", "arch"): tuple(ARCHS)}
+
+
 def _check_choices(cfg: RecipeConfig, path: Path) -> None:
-    for (section, key), allowed in _CHOICES.items():
+    for (section, key), allowed in _choices().items():
         value = getattr(getattr(cfg, section), key)
         if value not in allowed:
             raise RecipeError(f"{path}: {section}.{key}={value!r}, expected one of {', '.join(allowed)}")
