@@ -1,13 +1,16 @@
-"""File hashing shared by checkpoints (distill/training/checkpoint.py) and target caches
-(distill/cache/): one sha256 over the file's bytes, read in 4 MiB blocks."""
+"""Hashing: files, shared by checkpoints (distill/training/checkpoint.py) and target caches
+(distill/cache/), read in 4 MiB blocks; and a model's weights (the trainer's DDP sync check)."""
 
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-__all__ = ["sha256_file"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["sha256_file", "weights_digest"]
 
 _BLOCK = 1 << 22
 
@@ -21,3 +24,12 @@ def sha256_file(path: str | Path, progress: Optional[Any] = None) -> str:
             if progress is not None:
                 progress.update(len(block))
     return digest.hexdigest()
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """First 16 hex digits of a sha256 over the state dict's names and float32 values."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -38,7 +38,9 @@ from teachers import FusedTeacher
 from .build import single_upstream_teacher, upstream_names
 from .config import DataConfig, RecipeConfig
 from .data.loader import load_audio_dataset, make_eval_batches
-from .evaluation.probe import ProbeResult, ProbeTask, run_probe, teacher_extractor
+from .evaluation.extractors import teacher_extractor
+from .evaluation.probe import run_probe
+from .evaluation.tasks import ProbeResult, ProbeTask
 
 __all__ = ["fit_teacher", "REPORT_NAME", "DEFAULT_MAX_ITEMS", "DEFAULT_MAX_DEV_ITEMS"]
 

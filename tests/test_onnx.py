@@ -30,7 +30,7 @@ from distill.config import load_recipe  # noqa: E402
 from distill.data.loader import load_audio_dataset, make_eval_batches  # noqa: E402
 from distill.evaluation.suite import STUDENT, STUDENT_ONNX_FP32, STUDENT_ONNX_INT8, evaluate, format_report  # noqa: E402
 from distill.export import export_run  # noqa: E402
-from distill.evaluation.probe import hf_encoder_extractor, onnx_extractor  # noqa: E402
+from distill.evaluation.extractors import hf_encoder_extractor, onnx_extractor  # noqa: E402
 from students import DistillStudent, ParityError, PredictionHeads, add_onnx, build_student, check_parity  # noqa: E402
 from students.export import EXPORT_FILES  # noqa: E402
 from students.onnx import FP32_TOLERANCE, INT8_MIN_COSINE, onnx_output_names  # noqa: E402

@@ -21,7 +21,8 @@ from conftest import make_wave, tiny_config
 from distill.config import DataConfig
 from distill.data.loader import DataError, load_audio_dataset, make_eval_batches
 from distill.evaluation.suite import TEACHER, evaluate, format_probes, format_report
-from distill.evaluation.probe import ProbeTask, is_missing, run_probe, run_probes
+from distill.evaluation.probe import run_probe, run_probes
+from distill.evaluation.tasks import ProbeTask, is_missing
 from teachers import FusedTeacher
 
 DEMO = Path(__file__).resolve().parent.parent / "data" / "demo"

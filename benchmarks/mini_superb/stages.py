@@ -29,7 +29,9 @@ from distill.config import DataConfig, load_recipe
 from distill.evaluation.cost import audio_encoder_job, fused_teacher_job, measure_jobs, student_job
 from distill.data.loader import load_audio_dataset, make_eval_batches
 from distill.evaluation.metrics import ctc_greedy, error_rate
-from distill.evaluation.probe import ProbeTask, hf_encoder_extractor, run_probes, teacher_extractor
+from distill.evaluation.extractors import hf_encoder_extractor, teacher_extractor
+from distill.evaluation.probe import run_probes
+from distill.evaluation.tasks import ProbeTask
 from distill.runs import read_eval_log
 from teachers import FusedTeacher
 

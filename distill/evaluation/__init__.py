@@ -7,7 +7,7 @@ from importlib import import_module
 __all__ = ["evaluate", "format_report", "DEFAULT_PROBE_TASKS", "run_probe", "run_probes", "ProbeTask", "measure_jobs"]
 
 _HOME = {"evaluate": "suite", "format_report": "plots", "DEFAULT_PROBE_TASKS": "suite", "run_probe": "probe",
-         "run_probes": "probe", "ProbeTask": "probe", "measure_jobs": "cost"}
+         "run_probes": "probe", "ProbeTask": "tasks", "measure_jobs": "cost"}
 
 
 def __getattr__(name: str):
