@@ -283,6 +283,7 @@ def test_missing_manifest_and_teacher_files(cached, tmp_path):
     _one_line_error("no manifest.json; run cache-targets first", TargetCache.open, copy)
 
 
+@pytest.mark.slow
 def test_benchmark_quick_runs(capsys):
     # In-process (the package is imported already); a subprocess would pay every import again.
     spec = importlib.util.spec_from_file_location("cache_vs_online", ROOT / "benchmarks" / "cache_vs_online.py")

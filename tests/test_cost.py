@@ -166,6 +166,7 @@ def test_fused_teacher_cost_counts_every_part():
     assert cost.gflops > whisper.gflops > 0
 
 
+@pytest.mark.slow
 def test_benchmark_quick_runs(tmp_path):
     out = tmp_path / "cost.json"
     proc = subprocess.run(

@@ -150,6 +150,7 @@ def test_export_refuses_a_graph_that_differs_from_pytorch(exported, tmp_path, mo
     assert not report.passed and report.max_abs > FP32_TOLERANCE
 
 
+@pytest.mark.slow
 def test_cli_exports_onnx_from_a_student_folder(exported, tmp_path, capsys):
     folder, _, _ = exported
     out = tmp_path / "copy"

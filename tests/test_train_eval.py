@@ -153,6 +153,7 @@ def test_eval_targets_from_a_cache_of_the_eval_split(tmp_path):
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
 
 
+@pytest.mark.slow
 def test_eval_settings_without_an_eval_split_fail_before_training(tmp_path):
     result = _cli("train", "demo", "--output-dir", tmp_path, "training.eval_steps=5", "data.eval_split_name=null")
     assert result.returncode == 2

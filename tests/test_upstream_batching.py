@@ -164,6 +164,7 @@ def test_cache_with_padded_batches_stores_rows_in_place(corpus, tmp_path):  # no
         torch.testing.assert_close(tensors[4][key].float(), alone.float(), atol=1e-3, rtol=2**-10)
 
 
+@pytest.mark.slow
 def test_benchmark_quick_runs():
     # A subprocess: the benchmark sets its own thread count and must run as a script.
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "teacher_batching.py"), "--quick", "--threads", "1"],
