@@ -179,4 +179,3 @@ def parity_waveforms(data: DataConfig | None, count: int = _PARITY_UTTERANCES) -
     waves.sort(key=len)
     picks = sorted({round(i * (len(waves) - 1) / max(count - 1, 1)) for i in range(count)})
     return [waves[i] for i in picks], f"{data.dataset_name} [{split}]"
-
