@@ -34,10 +34,10 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from distill.build import build_teacher
-from distill.cache import TargetCache, cache_targets
+from distill.cache.writer import TargetCache, cache_targets
 from distill.config import load_recipe
-from distill.data import load_audio_dataset
-from distill.target_cache import DTYPES, encode_targets
+from distill.data.loader import load_audio_dataset
+from distill.cache.reader import DTYPES, encode_targets
 
 FRAME_RATE = 50.0  # wav2vec grid: hop 320 at 16 kHz
 K, D = 3, 768

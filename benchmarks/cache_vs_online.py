@@ -3,7 +3,7 @@
     python benchmarks/cache_vs_online.py [--steps 8] [--warmup 1] [--batch-size 4] [--crop-seconds 2]
                                          [--threads 2] [--json PATH] [--quick]
 
-One step = what the training loop does per batch: `distill.train.loss_step` (student forward and,
+One step = what the training loop does per batch: `distill.training.loop.loss_step` (student forward and,
 online, the teacher's forward on the crops; from the cache, `TargetCache.add_targets` reading the
 crops' targets from the safetensors shards), backward, AdamW step. Both teachers are built from
 configs with random weights at real size (weights do not change the cost): 1-up = WavLM Base+;
@@ -34,30 +34,18 @@ import soundfile as sf
 import torch
 
 from distill.build import build_distill_student, build_teacher
-from distill.cache import TargetCache, cache_targets
+from distill.cache.writer import TargetCache, cache_targets
 from distill.config import DataConfig, LossConfig, RecipeConfig, StudentConfig, TeacherConfig, TrainingConfig
-from distill.data import load_audio_dataset, make_train_dataloader
-from distill.train import loss_step
+from distill.data.loader import load_audio_dataset, make_train_dataloader
+from distill.data.signals import speech_like
+from distill.training.loop import loss_step
+from teachers.configs import real_config, tiny_config
 
 SR = 16000
-_WHISPER_COMMON = dict(vocab_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
-                            max_target_positions=64, decoder_layers=1, num_mel_bins=80, max_source_positions=1500)
-REAL = {
-    # The wav2vec-family config defaults are the base geometry (12 layers, 768 wide, 512x7 conv).
-    "WavLM Base+": dict(model_type="wavlm"),
-    "HuBERT Base": dict(model_type="hubert"),
-    # Whisper Base encoder; only the encoder runs, so the decoder is kept to one small layer.
-    "Whisper Base enc": dict(model_type="whisper", d_model=512, encoder_layers=6, encoder_attention_heads=8,
-                             encoder_ffn_dim=2048, decoder_attention_heads=8, decoder_ffn_dim=256, **_WHISPER_COMMON),
-}
-_TINY_W2V = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                 conv_dim=[16] * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2)
-TINY = {
-    "WavLM Base+": dict(model_type="wavlm", **_TINY_W2V, num_buckets=16, max_bucket_distance=64),
-    "HuBERT Base": dict(model_type="hubert", **_TINY_W2V),
-    "Whisper Base enc": dict(model_type="whisper", d_model=32, encoder_layers=2, encoder_attention_heads=2,
-                             encoder_ffn_dim=64, decoder_attention_heads=2, decoder_ffn_dim=64, **_WHISPER_COMMON),
-}
+# Real sizes (teachers/configs.py), and tiny ones with the same frame grids for --quick.
+_MEMBERS = {"WavLM Base+": "wavlm", "HuBERT Base": "hubert", "Whisper Base enc": "whisper-base"}
+REAL = {name: real_config(kind) for name, kind in _MEMBERS.items()}
+TINY = {name: tiny_config(kind) for name, kind in _MEMBERS.items()}
 SETUPS = {"1-up": ("WavLM Base+",), "3-up": ("WavLM Base+", "HuBERT Base", "Whisper Base enc")}
 GOAL_CACHE_GROWTH, GOAL_ONLINE_SPEEDUP = 1.1, 5.0
 
@@ -67,17 +55,11 @@ def _log(message: str) -> None:
 
 
 def write_corpus(folder: Path, count: int, seconds: tuple[float, float], seed: int = 0) -> Path:
-    """`count` speech-like utterances (gliding harmonics, syllable envelope, noise) as 16 kHz WAV."""
+    """`count` speech-like utterances (distill/data/signals.py) of random lengths as 16 kHz WAV."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(count):
-        t = np.arange(int(rng.uniform(*seconds) * SR)) / SR
-        f0 = 100 + 60 * rng.random() + 20 * np.sin(2 * np.pi * 0.7 * t)
-        phase = 2 * np.pi * np.cumsum(f0) / SR
-        voiced = sum(np.sin(k * phase) / k for k in range(1, 8))
-        envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 4 * t + rng.random() * 6)
-        wave = 0.2 * voiced * envelope + 0.01 * rng.standard_normal(t.shape)
-        sf.write(folder / f"utt{i:03d}.wav", (0.5 * wave / np.abs(wave).max()).astype(np.float32), SR)
+        sf.write(folder / f"utt{i:03d}.wav", speech_like(float(rng.uniform(*seconds)), seed + i, SR).numpy(), SR)
     return folder
 
 

@@ -35,36 +35,19 @@ import torch
 from transformers import AutoConfig, AutoModel
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from distill.cost import (Cost, CostJob, audio_encoder_job, cost_table, fused_teacher_job, measure_jobs,
+from distill.data.signals import speech_like
+from distill.evaluation.cost import (Cost, CostJob, audio_encoder_job, cost_table, fused_teacher_job, measure_jobs,
                           onnx_student_job, ratios, student_job, sum_costs, whisper_encoder_job)
 from students import PRESETS, build_student
 from students.onnx import FP32_TOLERANCE, INT8_MIN_COSINE, check_parity, export_onnx, quantize_int8, require_onnx
 from teachers import CHConv, FusedTeacher, wav2vec_num_frames
+from teachers.configs import real_config, tiny_config
 
-# Real sizes. The wav2vec-family defaults ARE the base geometry (12 layers, 768, 512x7 conv);
-# WavLM Base+ differs from WavLM Base only in its training data.
-_WHISPER_SMALL = dict(
-    d_model=768, encoder_layers=12, encoder_attention_heads=12, encoder_ffn_dim=3072, num_mel_bins=80,
-    max_source_positions=1500, decoder_attention_heads=12, decoder_ffn_dim=3072,
-    decoder_layers=1,  # only the encoder runs or counts; a 1-layer decoder just builds faster
-)
-REAL = {
-    "WavLM Base+": dict(model_type="wavlm"),
-    "HuBERT Base": dict(model_type="hubert"),
-    "Data2VecAudio Base": dict(model_type="data2vec-audio"),
-    "Whisper Small enc": dict(model_type="whisper", **_WHISPER_SMALL),
-}
-# Tiny shapes for --quick, keeping the real frame grids (wav2vec conv strides, 30 s Whisper window).
-_TINY_W2V = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                 conv_dim=(16,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2)
-TINY = {
-    "WavLM Base+": dict(model_type="wavlm", **_TINY_W2V, num_buckets=16, max_bucket_distance=64),
-    "HuBERT Base": dict(model_type="hubert", **_TINY_W2V),
-    "Data2VecAudio Base": dict(model_type="data2vec-audio", **{**_TINY_W2V, "num_conv_pos_embeddings": 5}),
-    "Whisper Small enc": dict(model_type="whisper", d_model=32, encoder_layers=2, encoder_attention_heads=2,
-                              encoder_ffn_dim=64, num_mel_bins=80, max_source_positions=1500, decoder_layers=1,
-                              decoder_attention_heads=2, decoder_ffn_dim=64),
-}
+# Real sizes (teachers/configs.py), and tiny ones with the same frame grids for --quick.
+_MEMBERS = {"WavLM Base+": "wavlm", "HuBERT Base": "hubert", "Data2VecAudio Base": "data2vec-audio",
+            "Whisper Small enc": "whisper-small"}
+REAL = {name: real_config(kind) for name, kind in _MEMBERS.items()}
+TINY = {name: tiny_config(kind) for name, kind in _MEMBERS.items()}
 TEACHERS = {
     "teacher2": ("WavLM Base+", "Whisper Small enc"),
     "teacher3": ("WavLM Base+", "HuBERT Base", "Whisper Small enc"),
@@ -79,12 +62,8 @@ def _log(message: str) -> None:
 
 
 def _wave(seconds: float) -> torch.Tensor:
-    """A fixed speech-like test signal (harmonics, slow envelope, noise); cost does not depend on it."""
-    g = torch.Generator().manual_seed(0)
-    t = torch.arange(int(seconds * 16000)) / 16000
-    voiced = sum(torch.sin(2 * torch.pi * 130 * k * t) / k for k in range(1, 6))
-    envelope = 0.5 + 0.5 * torch.sin(2 * torch.pi * 3 * t)
-    return (0.1 * voiced * envelope + 0.01 * torch.randn(t.shape, generator=g)).float()
+    """A fixed speech-like test signal; cost does not depend on it."""
+    return speech_like(seconds)
 
 
 def _build(spec: dict) -> torch.nn.Module:
@@ -107,7 +86,7 @@ def measure(args: argparse.Namespace) -> tuple[list[Cost], dict[str, str]]:
     """All rows, and the reference row name of each teacher.
 
     Everything is built first and then timed in ONE set of interleaved rounds, so teachers and
-    students see the same machine load (see distill.cost).
+    students see the same machine load (see distill.evaluation.cost).
     """
     specs = TINY if args.quick else REAL
     wave = _wave(args.seconds)

@@ -7,7 +7,7 @@ On CUDA, in bf16, with random weights built from configs (weights do not change 
   3-upstream FusedTeacher.targets end to end (CHConv projection to 768, PCA-fitted), on
   `--teacher-batch` utterances of `--seconds`: audio seconds per second, TFLOP/s, MFU;
 - student: a shipped preset (default hubert_2l_768_conv256) plus prediction heads, one training
-  step = distill.train.loss_step under bf16 autocast (what Accelerate's mixed_precision=bf16
+  step = distill.training.loop.loss_step under bf16 autocast (what Accelerate's mixed_precision=bf16
   does) + backward + AdamW, on `--student-batch` crops of `--crop-seconds`, targets copied from
   pinned host memory as a cache read would: audio s/s, TFLOP/s, MFU; and the same step with the
   online 3-upstream teacher, for the GPU's own online / cache ratio.
@@ -40,32 +40,21 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing the package
 
 try:  # the training step itself, not a copy of it: this needs the project's dependencies
-    from distill.cost import count_gflops
-    from distill.train import loss_step
+    from distill.data.signals import speech_like
+    from distill.evaluation.cost import count_gflops
+    from distill.training.loop import loss_step
     from students import PRESETS, DistillStudent, PredictionHeads, build_student
     from teachers import FusedTeacher, wav2vec_num_frames
+    from teachers.configs import real_config, tiny_config
 except ImportError as err:  # a bare CUDA image: say what to install, not a traceback
     sys.exit(f"gpu_check: cannot import {err.name!r}; install the project first (pip install -e .), "
              "or on an offline machine its wheels: omegaconf antlr4-python3-runtime datasets dill multiprocess soundfile soxr")
 
 SR = 16000
-_WHISPER_COMMON = dict(model_type="whisper", num_mel_bins=80, max_source_positions=1500, decoder_layers=1,
-                       vocab_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
-                       max_target_positions=64)
-REAL = {
-    "WavLM Base+": dict(model_type="wavlm"),  # the wav2vec-family defaults are the base geometry
-    "HuBERT Base": dict(model_type="hubert"),
-    "Whisper Small enc": dict(d_model=768, encoder_layers=12, encoder_attention_heads=12, encoder_ffn_dim=3072,
-                              decoder_attention_heads=12, decoder_ffn_dim=768, **_WHISPER_COMMON),
-}
-_TINY_W2V = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                 conv_dim=[16] * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2)
-TINY = {
-    "WavLM Base+": dict(model_type="wavlm", **_TINY_W2V, num_buckets=16, max_bucket_distance=64),
-    "HuBERT Base": dict(model_type="hubert", **_TINY_W2V),
-    "Whisper Small enc": dict(d_model=32, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64,
-                              decoder_attention_heads=2, decoder_ffn_dim=64, **_WHISPER_COMMON),
-}
+# Real sizes (teachers/configs.py), and tiny ones with the same frame grids off CUDA.
+_MEMBERS = {"WavLM Base+": "wavlm", "HuBERT Base": "hubert", "Whisper Small enc": "whisper-small"}
+REAL = {name: real_config(kind) for name, kind in _MEMBERS.items()}
+TINY = {name: tiny_config(kind) for name, kind in _MEMBERS.items()}
 # Dense bf16 tensor-core peaks (TFLOP/s), matched on substrings of torch.cuda.get_device_name, first match wins.
 PEAKS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0), ("L40S", 362.0))
 SKIPPED = "cuda: not available, GPU measurements skipped"
@@ -124,13 +113,9 @@ def step_flops(fn: Callable[[], Any]) -> float:
 
 
 def speech(batch: int, samples: int, device: torch.device, seed: int = 0) -> torch.Tensor:
-    """(batch, samples) speech-like audio: harmonics under a syllable envelope, plus noise."""
-    g = torch.Generator().manual_seed(seed)
-    t = torch.arange(samples) / SR
-    f0 = 100 + 80 * torch.rand(batch, 1, generator=g)
-    voiced = sum(torch.sin(2 * torch.pi * f0 * k * t) / k for k in range(1, 6))
-    envelope = 0.5 + 0.5 * torch.sin(2 * torch.pi * 4 * t + 6 * torch.rand(batch, 1, generator=g))
-    return (0.1 * voiced * envelope + 0.01 * torch.randn(batch, t.numel(), generator=g)).float().to(device)
+    """(batch, samples) speech-like audio (distill/data/signals.py), one seed per row."""
+    # +0.5 sample: the float seconds never round down to one sample short.
+    return torch.stack([speech_like((samples + 0.5) / SR, seed + b, SR)[:samples] for b in range(batch)]).to(device)
 
 
 def _row(name: str, seconds_each: list[float], audio_seconds: float, flops: float, peak: Optional[float], **extra) -> dict:

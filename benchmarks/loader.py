@@ -32,17 +32,10 @@ import soxr
 import torch
 
 from distill.build import build_teacher
-from distill.cache import TargetCache, cache_targets
+from distill.cache.writer import TargetCache, cache_targets
 from distill.config import load_recipe
-from distill.data import load_audio_dataset, make_train_dataloader
-
-
-def speech_like(seconds: float, rng: np.random.Generator, sr: int) -> np.ndarray:
-    t = np.arange(int(seconds * sr)) / sr
-    f0 = 100 + 80 * rng.random()
-    sig = sum(np.sin(2 * np.pi * f0 * k * t) / k for k in range(1, 6))
-    sig = sig * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t + rng.random())) + 0.05 * rng.standard_normal(t.shape)
-    return (0.3 * sig / np.abs(sig).max()).astype(np.float32)
+from distill.data.loader import load_audio_dataset, make_train_dataloader
+from distill.data.signals import speech_like
 
 
 def write_corpus(root: Path, seconds: float) -> dict[str, Path]:
@@ -54,7 +47,7 @@ def write_corpus(root: Path, seconds: float) -> dict[str, Path]:
     total, i = 0.0, 0
     while total < seconds:
         length = float(rng.uniform(3.0, 15.0))
-        wave = speech_like(length, rng, 16000)
+        wave = speech_like(length, i, 16000).numpy()
         sf.write(folders["16k"] / f"u{i:04d}.flac", wave, 16000)
         sf.write(folders["44k"] / f"u{i:04d}.flac", soxr.resample(wave, 16000, 44100), 44100)
         total, i = total + length, i + 1

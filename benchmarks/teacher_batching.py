@@ -41,27 +41,21 @@ from typing import Callable
 
 import torch
 
+from teachers.configs import real_config, tiny_config
 from teachers.upstream import SAMPLING_RATE, Upstream, load_upstream
 
 SETUPS = ("one at a time", "equal length", "masked")
-_WHISPER_COMMON = dict(vocab_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
-                       max_target_positions=64, decoder_layers=1, num_mel_bins=80, max_source_positions=1500)
+# Real sizes (teachers/configs.py), and tiny ones with the same frame grids for --quick.
+_LAYER_NORM = dict(feat_extract_norm="layer", do_stable_layer_norm=True)
 REAL = {
-    # The wav2vec-family config defaults are the base geometry (12 layers, 768 wide, 512x7 conv).
-    "WavLM Base+ (layer norm)": dict(model_type="wavlm", feat_extract_norm="layer", do_stable_layer_norm=True),
-    "HuBERT Base (group norm)": dict(model_type="hubert"),
-    # Only the encoder runs, so the decoder is kept to one small layer.
-    "Whisper Small enc": dict(model_type="whisper", d_model=768, encoder_layers=12, encoder_attention_heads=12,
-                              encoder_ffn_dim=3072, decoder_attention_heads=12, decoder_ffn_dim=256, **_WHISPER_COMMON),
+    "WavLM Base+ (layer norm)": real_config("wavlm", **_LAYER_NORM),
+    "HuBERT Base (group norm)": real_config("hubert"),
+    "Whisper Small enc": real_config("whisper-small"),
 }
-_TINY_W2V = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                 conv_dim=[16] * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2)
 TINY = {
-    "WavLM Base+ (layer norm)": dict(model_type="wavlm", feat_extract_norm="layer", do_stable_layer_norm=True,
-                                     **_TINY_W2V, num_buckets=16, max_bucket_distance=64),
-    "HuBERT Base (group norm)": dict(model_type="hubert", **_TINY_W2V),
-    "Whisper Small enc": dict(model_type="whisper", d_model=32, encoder_layers=2, encoder_attention_heads=2,
-                              encoder_ffn_dim=64, decoder_attention_heads=2, decoder_ffn_dim=64, **_WHISPER_COMMON),
+    "WavLM Base+ (layer norm)": tiny_config("wavlm", **_LAYER_NORM),
+    "HuBERT Base (group norm)": tiny_config("hubert"),
+    "Whisper Small enc": tiny_config("whisper-small"),
 }
 
 

@@ -1,4 +1,7 @@
-"""Distillation stages: recipe -> config, data, losses, Accelerate trainer, export, CLI."""
+"""Distillation stages, one package each: data/ (audio, sources, batches), cache/ (the target cache),
+training/ (the Accelerate loop, checkpoints, faults, validation), evaluation/ (similarity, probes,
+cost); at the top the recipe (config.py), builders, export, fit_teacher, inspect, the CLI, and
+runs.py, the one place that knows a run folder's layout."""
 
 from .config import RecipeConfig, RecipeError, load_recipe
 
@@ -9,7 +12,7 @@ def __getattr__(name: str):
     # The trainer pulls in Accelerate, transformers and both model packages; import it on use so
     # `fusion-distill --help` and recipe validation stay fast.
     if name == "train":
-        from .train import train
+        from .training.loop import train
 
         return train
     if name == "export_run":

@@ -17,9 +17,9 @@ import torch
 from students import DistillStudent, PredictionHeads, build_student, build_student_config, init_from_upstream
 from teachers import CONFIG_NAME, FusedTeacher, Upstream, canonical_spec, load_upstream, read_saved_config
 
-from .audio import RECEPTIVE_FIELD
+from .data.audio import RECEPTIVE_FIELD
 from .config import RecipeConfig, TeacherConfig
-from .data import BadAudio, decode_audio
+from .data.loader import BadAudio, decode_audio
 
 __all__ = ["build_teacher", "teacher_config_diffs", "build_distill_student", "student_config", "pca_waveforms", "single_upstream_teacher", "upstream_names"]
 

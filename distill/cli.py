@@ -17,12 +17,14 @@ import argparse
 import logging
 import sys
 
+from .runs import CHECKPOINT_CHOICES, is_run
+
 __all__ = ["main"]
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
     from .config import load_recipe
-    from .train import train
+    from .training.loop import train
 
     overrides = list(args.overrides)
     if args.output_dir:
@@ -50,7 +52,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
     source = Path(args.run_dir)
     onnx = dict(onnx=args.onnx, quantize=args.quantize, parity_data=args.parity_data, overwrite=args.overwrite)
-    if not (source / "recipe.yaml").exists() and (source / "config.json").is_file():
+    if not is_run(source) and (source / "config.json").is_file():
         if not args.onnx:
             raise ValueError(f"{source} is already an exported student; add --onnx to give it ONNX graphs")
         folder = export_student_folder(source, args.out_dir, push_to_hub_id=args.push_to_hub, **onnx)
@@ -84,7 +86,7 @@ def _cmd_compare_upstreams(args: argparse.Namespace) -> None:
 def _cmd_cache_targets(args: argparse.Namespace) -> None:
     from teachers import FusedTeacher
 
-    from .cache import cache_targets
+    from .cache.writer import cache_targets
     from .config import load_recipe
 
     cfg = load_recipe(args.recipe, args.overrides)
@@ -101,7 +103,7 @@ def _cmd_cache_targets(args: argparse.Namespace) -> None:
 
 
 def _cmd_verify_cache(args: argparse.Namespace) -> None:
-    from .cache import TargetCache
+    from .cache.writer import TargetCache
 
     cache = TargetCache.open(args.cache)
     size = cache.verify(progress=True)
@@ -122,7 +124,7 @@ def _cmd_fit_teacher(args: argparse.Namespace) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
-    from .evaluate import DEFAULT_PROBE_TASKS, evaluate, format_report
+    from .evaluation.suite import DEFAULT_PROBE_TASKS, evaluate, format_report
 
     result = evaluate(
         args.target, teacher=args.teacher, data=args.data, out_dir=args.out_dir,
@@ -202,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="student vs fused teacher: prediction similarity, probes, cost")
     p.add_argument("target", help="a run folder (train --output-dir) or an exported student folder")
     p.add_argument("overrides", nargs="*", help="dotted recipe overrides, e.g. data.eval_split_name=dev")
-    p.add_argument("--checkpoint", choices=("best", "latest"),
+    p.add_argument("--checkpoint", choices=CHECKPOINT_CHOICES,
                    help="which checkpoint of a run folder to score: best (default: the one the exported student came "
                    "from, i.e. the best eval checkpoint when the run recorded one, else the newest) or latest (the newest)")
     p.add_argument("--teacher", help="a saved FusedTeacher folder (default: RUN/teacher)")

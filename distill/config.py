@@ -127,7 +127,7 @@ class TrainingConfig:
     # A step whose loss or gradient norm is NaN/inf is not applied; after this many in a row the
     # run stops and names the newest good checkpoint (a diverged run rarely recovers by itself).
     max_nonfinite_steps: int = 10
-    # Held-out evaluation during training (distill/validation.py): every eval_steps optimizer
+    # Held-out evaluation during training (distill/training/validation.py): every eval_steps optimizer
     # steps and at the end, on data.eval_split_name. None: no evaluation while training.
     eval_steps: Optional[int] = None
     eval_max_items: int = 200  # eval utterances (the same crops every time); their targets stay in RAM
@@ -196,20 +196,25 @@ def load_recipe(recipe: str | Path, overrides: list[str] | tuple[str, ...] = ())
 
 
 _CHOICES = {
-    ("teacher", "fusion"): ("weighted_sum", "hconv", "chconv", "add_hconv"),
-    ("teacher", "projection_fit"): ("pca", "supervised", "none"),
-    ("teacher", "target_mode"): ("chconv", "concat", "average"),
-    ("teacher", "projection_balance"): ("none", "equal_variance", "split"),
-    ("teacher", "position_reference"): ("none", "silence"),
     ("teacher", "dtype"): ("float32", "bfloat16"),
-    ("student", "arch"): ("hubert", "wavlm", "wav2vec2"),
     ("student", "head_mode"): ("predict", "layer_to_layer"),
     ("training", "mixed_precision"): ("no", "bf16", "fp16"),
 }
 
 
+def _choices() -> dict[tuple[str, str], tuple[str, ...]]:
+    """Allowed values per (section, key): the teacher's settings and the student archs come from
+    the packages that implement them (imported here, on use: they load torch and transformers)."""
+    from students import ARCHS
+    from teachers.fused import CHOICES
+
+    teacher = {("teacher", key): tuple(CHOICES[key]) for key in ("fusion", "projection_fit", "target_mode", "projection_balance",
+                                                                            "position_reference")}
+    return {**teacher, **_CHOICES, ("student", "arch"): tuple(ARCHS)}
+
+
 def _check_choices(cfg: RecipeConfig, path: Path) -> None:
-    for (section, key), allowed in _CHOICES.items():
+    for (section, key), allowed in _choices().items():
         value = getattr(getattr(cfg, section), key)
         if value not in allowed:
             raise RecipeError(f"{path}: {section}.{key}={value!r}, expected one of {', '.join(allowed)}")

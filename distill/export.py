@@ -1,14 +1,14 @@
 """Run folder -> stock Hugging Face student folder (and optionally the Hub).
 
 The encoder is rebuilt from the run's recipe and loaded strictly from a checkpoint's
-`model.safetensors` (heads dropped): the best eval checkpoint when the run evaluated while
-training and `training.load_best_at_end` is not false, else the newest. Then it is written by `students.export_student`, which reloads it
+`model.safetensors` (heads dropped): the one `distill.runs.shipped_checkpoint` names (the best
+eval checkpoint when the run evaluated while training and `training.load_best_at_end` is not
+false, else the newest). Then it is written by `students.export_student`, which reloads it
 with plain `AutoModel` and fails on any missing or unexpected key.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -21,12 +21,16 @@ from students.export import EXPORT_FILES
 from students.onnx import require_onnx
 
 from .build import student_config
-from .checkpoint import checkpoint_info, find_checkpoint, load_weights_strict, nonfinite_weights, read_best
-from .config import DataConfig, load_recipe
-from .data import make_eval_batches
-from .sources import load_audio_dataset
+from .config import DataConfig
+from .data.loader import make_eval_batches
+from .data.signals import speech_like
+from .data.sources import load_audio_dataset
+from .runs import (
+    RECIPE_FILE, TRAIN_LOG, checkpoint_info, find_checkpoint, is_run, read_best, read_eval_log, read_log, read_recipe,
+    shipped_checkpoint,
+)
+from .training.checkpoint import load_weights_strict, nonfinite_weights
 from .staged_export import staged_export
-from .validation import read_eval_log
 
 __all__ = ["export_run", "export_student_folder", "parity_waveforms", "card_data_for_run"]
 
@@ -39,7 +43,7 @@ def export_run(
     *, onnx: bool = False, quantize: str | None = None, parity_data: str | None = None, overwrite: bool = False,
 ) -> Path:
     """Export the run's student encoder; `student` (a DistillStudent, the final one) skips the
-    checkpoint read; `checkpoint` names the folder to read (default: `export_checkpoint`).
+    checkpoint read; `checkpoint` names the folder to read (default: `runs.shipped_checkpoint`).
 
     onnx: also write model.onnx (and with quantize="int8" model_int8.onnx) beside the HF files,
     checked against PyTorch on a few utterances of `parity_data` (default: the run's dataset).
@@ -48,13 +52,11 @@ def export_run(
     if onnx:
         require_onnx()  # before minutes of loading, not after
     run_dir = Path(run_dir)
-    if not (run_dir / "recipe.yaml").exists():
-        raise FileNotFoundError(f"{run_dir}: not a training run (no recipe.yaml); expected the --output-dir of `fusion-distill train`")
-    cfg = load_recipe(run_dir / "recipe.yaml")
+    cfg = read_recipe(run_dir)
     if student is not None:
         encoder, step = student.encoder, None
     else:
-        source = find_checkpoint(run_dir, str(checkpoint)) if checkpoint else export_checkpoint(cfg, run_dir)
+        source = find_checkpoint(run_dir, str(checkpoint)) if checkpoint else shipped_checkpoint(cfg, run_dir)
         encoder, step = _encoder_from_checkpoint(cfg, source), checkpoint_info(source)["step"]
     bad, first = nonfinite_weights(encoder)
     if bad:  # NaN != NaN: the reload check would fail with a traceback; a NaN model is no product anyway
@@ -71,14 +73,6 @@ def export_run(
     return folder
 
 
-def export_checkpoint(cfg, run_dir: Path) -> Path:
-    """The best eval checkpoint when the run has one and load_best_at_end is not false, else the newest."""
-    best = read_best(run_dir)
-    if best is not None and cfg.training.load_best_at_end is not False and (run_dir / best["checkpoint"]).is_dir():
-        return find_checkpoint(run_dir, str(run_dir / best["checkpoint"]))
-    return find_checkpoint(run_dir, "latest")
-
-
 def _encoder_from_checkpoint(cfg, checkpoint: Path):
     weights = load_file(checkpoint / "model.safetensors")
     encoder_state = {k[len(_ENCODER_PREFIX):]: v for k, v in weights.items() if k.startswith(_ENCODER_PREFIX)}
@@ -92,11 +86,8 @@ def card_data_for_run(cfg, run_dir: Path, exported_step: int | None = None) -> d
     and, for a run that evaluated while training, the exported step's eval figures.
 
     exported_step: the step whose weights ship (None: the last one)."""
-    last = {}
-    log = run_dir / "train_log.jsonl"
-    if log.exists():
-        lines = log.read_text().splitlines()
-        last = json.loads(lines[-1]) if lines else {}
+    log = read_log(run_dir, TRAIN_LOG)
+    last = log[-1] if log else {}
     teachers = [u if isinstance(u, str) else f"random-init {u.get('config', {}).get('model_type', '?')} (config)" for u in cfg.teacher.upstreams]
     card = {
         "teachers": teachers,
@@ -106,7 +97,7 @@ def card_data_for_run(cfg, run_dir: Path, exported_step: int | None = None) -> d
         "dataset": cfg.data.dataset_name,
         "steps": last.get("step"),
         "final_losses": {k: round(v, 4) for k, v in last.items() if k == "loss" or k.startswith(("loss/", "cos/"))},
-        "recipe": (run_dir / "recipe.yaml").read_text(),
+        "recipe": (run_dir / RECIPE_FILE).read_text(),
     }
     card.update(_eval_card(cfg, run_dir, exported_step if exported_step is not None else last.get("step")))
     return card
@@ -147,7 +138,7 @@ def export_student_folder(
         require_onnx()
     student_dir, out = Path(student_dir), Path(out_dir)
     if not (student_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{student_dir}: neither a training run (recipe.yaml) nor an exported student (config.json)")
+        raise FileNotFoundError(f"{student_dir}: neither a training run ({RECIPE_FILE}) nor an exported student (config.json)")
     in_place = out.resolve() == student_dir.resolve()
     with staged_export(out, overwrite=overwrite, protect=() if in_place else (student_dir,)) as stage:
         for name in EXPORT_FILES:  # in place too: the folder is rebuilt aside, then swapped in
@@ -156,7 +147,7 @@ def export_student_folder(
         encoder = AutoModel.from_pretrained(stage).eval()
         if onnx:
             run = student_dir.parent
-            run_data = load_recipe(run / "recipe.yaml").data if (run / "recipe.yaml").is_file() else None
+            run_data = read_recipe(run).data if is_run(run) else None
             add_onnx(stage, encoder, *parity_waveforms(_parity_data_config(parity_data, run_data)), quantize=quantize,
                      repo_id=push_to_hub_id)
     if push_to_hub_id:
@@ -175,7 +166,7 @@ def parity_waveforms(data: DataConfig | None, count: int = _PARITY_UTTERANCES) -
     where they came from; without data, synthetic speech-like signals of 1, 2.5 and 4 s."""
     if data is None:
         logger.warning("ONNX parity on synthetic signals: pass --parity-data DATASET to check on real speech")
-        return [_synthetic_speech(seconds, seed) for seed, seconds in enumerate((1.0, 2.5, 4.0))], "synthetic speech-like signals"
+        return [speech_like(seconds, seed) for seed, seconds in enumerate((1.0, 2.5, 4.0))], "synthetic speech-like signals"
     split = data.eval_split_name or data.train_split_name
     try:
         dataset = load_audio_dataset(data, split)
@@ -191,13 +182,3 @@ def parity_waveforms(data: DataConfig | None, count: int = _PARITY_UTTERANCES) -
     waves.sort(key=len)
     picks = sorted({round(i * (len(waves) - 1) / max(count - 1, 1)) for i in range(count)})
     return [waves[i] for i in picks], f"{data.dataset_name} [{split}]"
-
-
-def _synthetic_speech(seconds: float, seed: int) -> torch.Tensor:
-    # Harmonics under a syllable-rate envelope plus noise: speech-like spectra, no data needed.
-    g = torch.Generator().manual_seed(seed)
-    t = torch.arange(int(seconds * 16000)) / 16000
-    f0 = 110.0 + 15.0 * seed
-    voiced = sum(torch.sin(2 * torch.pi * f0 * k * t) / k for k in range(1, 6))
-    envelope = 0.5 + 0.5 * torch.sin(2 * torch.pi * 3 * t)
-    return (0.1 * voiced * envelope + 0.01 * torch.randn(t.shape, generator=g)).float()

@@ -2,7 +2,7 @@
 
 With the upstreams frozen, the fusion projection + interface + a small task head are trained on
 labels of the recipe's data (CTC on a text/phoneme column, or utterance classification) through
-`distill.probe.run_probe`; the upstream forwards run once per utterance and are cached, only the
+`distill.evaluation.probe.run_probe`; the upstream forwards run once per utterance and are cached, only the
 projection onward runs per step. The fitted teacher is saved with `fitted=True`, so a recipe with
 
     teacher.projection_fit=supervised teacher.pretrained=OUT_DIR
@@ -37,8 +37,10 @@ from teachers import FusedTeacher
 
 from .build import single_upstream_teacher, upstream_names
 from .config import DataConfig, RecipeConfig
-from .data import load_audio_dataset, make_eval_batches
-from .probe import ProbeResult, ProbeTask, run_probe, teacher_extractor
+from .data.loader import load_audio_dataset, make_eval_batches
+from .evaluation.extractors import teacher_extractor
+from .evaluation.probe import run_probe
+from .evaluation.tasks import ProbeResult, ProbeTask
 
 __all__ = ["fit_teacher", "REPORT_NAME", "DEFAULT_MAX_ITEMS", "DEFAULT_MAX_DEV_ITEMS"]
 

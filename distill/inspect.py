@@ -12,8 +12,8 @@ from teachers import FusedTeacher, describe
 
 from .build import pca_waveforms
 from .config import RecipeConfig
-from .data import load_audio_dataset
-from .plots import format_projection
+from .data.loader import load_audio_dataset
+from .evaluation.plots import format_projection
 
 __all__ = ["inspect_teacher", "format_teacher_report"]
 

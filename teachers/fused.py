@@ -37,13 +37,14 @@ from .interfaces import HConv, WeightedSum
 from .pca import BALANCES, LOW_RETENTION, CovarianceAccumulator, retained_variance
 from .upstream import SAMPLING_RATE, Upstream, UpstreamOutput, WhisperUpstream, load_upstream, resolve_dtype
 
-__all__ = ["canonical_spec", "read_saved_config", "FusedTeacher", "TeacherOutput", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["canonical_spec", "read_saved_config", "FusedTeacher", "TeacherOutput", "CONFIG_NAME", "WEIGHTS_NAME", "CHOICES"]
 
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "fused_teacher.json"
 WEIGHTS_NAME = "fusion.safetensors"
-_CHOICES = {
+# The allowed values of each string setting; distill's recipe check reads the same table.
+CHOICES = {
     "fusion": ("weighted_sum", "hconv", "chconv", "add_hconv"),
     "projection_fit": ("pca", "supervised", "none"),
     "target_mode": ("chconv", "concat", "average"),
@@ -102,7 +103,7 @@ class FusedTeacher(nn.Module):
         position_reference: str = "none",
     ):
         super().__init__()
-        if position_reference not in _CHOICES["position_reference"]:
+        if position_reference not in CHOICES["position_reference"]:
             raise ValueError(f"FusedTeacher: position_reference={position_reference!r}, expected one of none, silence")
         # silence: Whisper upstreams subtract their silent-window response (WhisperUpstream), so
         # targets do not depend on where an utterance sits in the 30 s window; others have no
@@ -380,8 +381,8 @@ def _check_settings(fusion: str, projection_fit: str, target_mode: str, include_
     settings = dict(fusion=fusion, projection_fit=projection_fit, target_mode=target_mode,
                     projection_balance=projection_balance)
     for key, value in settings.items():
-        if value not in _CHOICES[key]:
-            raise ValueError(f"FusedTeacher: {key}={value!r}, expected one of {', '.join(_CHOICES[key])}")
+        if value not in CHOICES[key]:
+            raise ValueError(f"FusedTeacher: {key}={value!r}, expected one of {', '.join(CHOICES[key])}")
     if fusion == "chconv" and target_mode != "chconv":
         raise ValueError("FusedTeacher: fusion=chconv projects the concatenation, use target_mode=chconv (or fusion=hconv)")
     if fusion == "add_hconv" and target_mode != "average":

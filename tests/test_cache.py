@@ -16,12 +16,12 @@ import pytest
 import soundfile as sf
 import torch
 
-from distill.audio import decode_audio
+from distill.data.audio import decode_audio
 from distill.build import build_distill_student, build_teacher
-from distill.cache import CacheError, TargetCache, cache_targets
+from distill.cache.writer import CacheError, TargetCache, cache_targets
 from distill.config import load_recipe
-from distill.data import load_audio_dataset, make_train_dataloader
-from distill.train import loss_step
+from distill.data.loader import load_audio_dataset, make_train_dataloader
+from distill.training.loop import loss_step
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "data" / "demo"
@@ -283,6 +283,7 @@ def test_missing_manifest_and_teacher_files(cached, tmp_path):
     _one_line_error("no manifest.json; run cache-targets first", TargetCache.open, copy)
 
 
+@pytest.mark.slow
 def test_benchmark_quick_runs(capsys):
     # In-process (the package is imported already); a subprocess would pay every import again.
     spec = importlib.util.spec_from_file_location("cache_vs_online", ROOT / "benchmarks" / "cache_vs_online.py")

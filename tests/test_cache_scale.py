@@ -19,12 +19,12 @@ import pytest
 import soundfile as sf
 import torch
 
-from distill.audio import decode_audio
-from distill.cache import CacheError, TargetCache, cache_targets
+from distill.data.audio import decode_audio
+from distill.cache.writer import CacheError, TargetCache, cache_targets
 from distill.cli import main as cli_main
 from distill.config import load_recipe
-from distill.target_cache import encode_targets
-from distill.train import train
+from distill.cache.reader import encode_targets
+from distill.training.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 FRAMES = {"a": 40, "b": 40, "c": 55, "d": 30, "e": 70}
@@ -98,6 +98,7 @@ def _mtimes(folder: Path) -> dict[str, int]:
 # --------------------------------------------------------------------------- several processes
 
 
+@pytest.mark.slow
 def test_two_processes_write_the_one_process_cache(corpus, tmp_path):
     """Rank 0 fits the teacher, each rank writes its own shards, one manifest: every row's targets equal."""
     two = tmp_path / "two"
@@ -134,6 +135,7 @@ def _as_if_killed(cache: Path) -> None:
     (cache / "shard-00002.safetensors").unlink()
 
 
+@pytest.mark.slow
 def test_a_killed_two_process_cache_resumes_per_rank(corpus, one_process, tmp_path):
     # First with 2 processes (each rank continues from its own progress file), then with 1 process
     # (the same files serve any number of ranks): only the missing shard is computed.
@@ -257,6 +259,7 @@ def test_training_stops_at_the_first_read_of_a_corrupted_shard(corpus, one_proce
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_storage_benchmark_quick_runs(capsys):
     result = _benchmark("cache_scale").main(["--quick"])
     assert "size at K=3, D=768" in capsys.readouterr().out
@@ -266,6 +269,7 @@ def test_storage_benchmark_quick_runs(capsys):
     assert result["int8_vs_fp16_demo_d64"]["cosine_min"] >= 0.999
 
 
+@pytest.mark.slow
 def test_loader_benchmark_quick_runs(capsys):
     result = _benchmark("loader").main(["--quick"])
     assert "| 16k FLAC, 0 workers + int8 cache |" in capsys.readouterr().out

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -20,6 +22,7 @@ def test_help_lists_every_stage():
         assert command in result.stdout
 
 
+@pytest.mark.slow
 def test_inspect_teacher_reports_upstreams_alignment_and_time():
     result = _run("inspect-teacher", "demo", "--seconds", "1")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -32,6 +35,7 @@ def test_inspect_teacher_reports_upstreams_alignment_and_time():
     assert "loading upstreams" in result.stderr  # the progress bar
 
 
+@pytest.mark.slow
 def test_unreachable_hub_id_is_a_one_line_error():
     result = _run("inspect-teacher", "demo", "teacher.upstreams=[no-such-org/no-such-model]")
     assert result.returncode == 2
@@ -39,6 +43,7 @@ def test_unreachable_hub_id_is_a_one_line_error():
     assert len(errors) == 1 and "offline or unreachable" in errors[0] and "local folder" in errors[0]
 
 
+@pytest.mark.slow
 def test_export_of_a_folder_that_is_not_a_run_is_a_one_line_error(tmp_path):
     result = _run("export", str(tmp_path), str(tmp_path / "out"))
     assert result.returncode == 2

@@ -1,4 +1,4 @@
-"""distill.cost: parameter and FLOP counts against hand counts, ratios, and the benchmark script."""
+"""distill.evaluation.cost: parameter and FLOP counts against hand counts, ratios, and the benchmark script."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel
 
 from conftest import TINY_CONFIGS, make_wave, tiny_config
-from distill.cost import (Cost, audio_encoder_job, cost_table, count_gflops, count_params, fused_teacher_job, measure_cost,
+from distill.evaluation.cost import (Cost, audio_encoder_job, cost_table, count_gflops, count_params, fused_teacher_job, measure_cost,
                           measure_jobs, ratios, student_job, sum_costs, time_forwards, whisper_encoder_job)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,6 +166,7 @@ def test_fused_teacher_cost_counts_every_part():
     assert cost.gflops > whisper.gflops > 0
 
 
+@pytest.mark.slow
 def test_benchmark_quick_runs(tmp_path):
     out = tmp_path / "cost.json"
     proc = subprocess.run(

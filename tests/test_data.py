@@ -22,7 +22,7 @@ from accelerate.data_loader import prepare_data_loader, skip_first_batches
 from datasets.distributed import split_dataset_by_node
 
 from distill.config import DataConfig
-from distill.data import (
+from distill.data.loader import (
     BadAudio,
     DataError,
     SkipCounter,
@@ -150,7 +150,7 @@ def test_manifest_resolves_relative_paths_and_filters(corpus, suffix, caplog):
     rows = [{"path": n, "text": f"utterance {i}", "label": "a" if i % 2 else "b"} for i, n in enumerate(names)]
     manifest = corpus / f"manifest{suffix}"
     _write_manifest(manifest, rows)
-    with caplog.at_level(logging.INFO, logger="distill.sources"):
+    with caplog.at_level(logging.INFO, logger="distill.data.sources"):
         ds = load_audio_dataset(_cfg(manifest), "train")
     assert ds.column_names == ["id", "audio", "text", "label", "duration"]
     assert list(ds["id"]) == ["clips/good1", "clips/good5"]

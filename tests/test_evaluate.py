@@ -1,4 +1,4 @@
-"""distill.evaluate on a tiny run folder built without training: similarity, probes, cost, files.
+"""distill.evaluation.suite on a tiny run folder built without training: similarity, probes, cost, files.
 
 The run folder has what `fusion-distill train` leaves: recipe.yaml, teacher/ (PCA-fitted on a few
 demo utterances), a checkpoint written by the real `save_checkpoint` (Accelerate save_state +
@@ -26,11 +26,12 @@ from safetensors.torch import load_file
 from conftest import make_wave
 
 from distill.build import build_distill_student, build_teacher
-from distill.checkpoint import BEST_FILE, mark_best, save_checkpoint
+from distill.runs import BEST_FILE
+from distill.training.checkpoint import mark_best, save_checkpoint
 from distill.cli import main as cli_main
 from distill.config import load_recipe
-from distill.data import load_audio_dataset, make_eval_batches
-from distill.evaluate import (TEACHER, evaluate, format_cost, format_probes, format_report, format_similarity,
+from distill.data.loader import load_audio_dataset, make_eval_batches
+from distill.evaluation.suite import (TEACHER, evaluate, format_cost, format_probes, format_report, format_similarity,
                                load_target)
 from distill.export import export_run
 from teachers import FusedTeacher
@@ -195,7 +196,7 @@ def test_bad_probe_task_fails_before_loading(tmp_path):
 
 
 def test_cost_runs_everything_in_fp32_on_cpu_and_restores(run, result, monkeypatch):
-    import distill.evaluate as ev
+    import distill.evaluation.suite as ev
 
     _, student, _, cfg = run
     teacher = FusedTeacher.from_config({**dataclasses.asdict(cfg.teacher), "dtype": "bfloat16"}, progress=lambda _: None)

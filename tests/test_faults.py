@@ -24,12 +24,14 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
-from distill.checkpoint import (
-    COMPLETE_MARKER, DIVERGED_MARKER, SAFE_TO_CHANGE, CheckpointError, _hash_files, check_resume_recipe, checkpoint_info,
-    find_checkpoint, list_checkpoints, mark_diverged, nonfinite_weights, save_checkpoint, verify_checkpoint,
+from distill.runs import (
+    COMPLETE_MARKER, DIVERGED_MARKER, CheckpointError, checkpoint_info, find_checkpoint, list_checkpoints, verify_checkpoint,
+)
+from distill.training.checkpoint import (
+    SAFE_TO_CHANGE, _hash_files, check_resume_recipe, mark_diverged, nonfinite_weights, save_checkpoint,
 )
 from distill.config import RecipeError, load_recipe
-from distill.faults import check_writable
+from distill.training.faults import check_writable
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = ["teacher.pca_max_utterances=8", "data.max_crop_seconds=1.0", "training.logging_steps=1", "training.report_to=none",
@@ -88,7 +90,7 @@ def test_marker_records_every_file_and_a_damaged_one_is_named(tiny, tmp_path, ca
     weights = newest / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-7])  # truncated, as by a full disk or a killed copy
     assert "model.safetensors is damaged" in verify_checkpoint(newest)
-    with caplog.at_level(logging.WARNING, logger="distill.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="distill.runs"):
         assert find_checkpoint(tmp_path, "latest") == older
     assert any("checkpoint-2/model.safetensors is damaged" in r.message and "using checkpoint-1" in r.message for r in caplog.records)
     with pytest.raises(CheckpointError, match=r"checkpoint-2/model.safetensors is damaged") as err:
@@ -227,7 +229,7 @@ def test_safe_changes_are_accepted_and_reported(tmp_path):
 # NaN target (one bad utterance in a cache) would make it.
 _ONE_NAN_BATCH = """
 import sys
-import distill.train as train
+import distill.training.loop as train
 real, calls = train.loss_step, [0]
 def loss_step(*args, **kwargs):
     loss, parts = real(*args, **kwargs)
@@ -325,7 +327,7 @@ def test_damaged_newest_checkpoint_falls_back_and_still_ends_equal(reference, tm
 
     resumed = _cli(*args, "--output-dir", run, "--resume-from", "latest")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    warnings = [ln for ln in resumed.stderr.splitlines() if ln.startswith("WARNING distill.checkpoint")]
+    warnings = [ln for ln in resumed.stderr.splitlines() if ln.startswith("WARNING distill.runs")]
     assert len(warnings) == 1 and "checkpoint-6/model.safetensors" in warnings[0] and "using checkpoint-4" in warnings[0]
     assert "resumed from" in resumed.stdout and "checkpoint-4 at step 4" in resumed.stdout
     assert _max_diff(_weights(full / "checkpoint-6"), _weights(run / "checkpoint-6")) <= 1e-6
@@ -396,7 +398,7 @@ def test_sigterm_to_one_of_two_ranks_stops_both_and_resume_equals_uninterrupted(
 
 
 def test_stop_signals_record_the_first_and_ignore_a_forwarded_repeat(tiny):
-    from distill.faults import EXIT_CODES, StepHealth, StopSignals
+    from distill.training.faults import EXIT_CODES, StepHealth, StopSignals
 
     accelerator = tiny[0]
     before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN under nohup / a background job
@@ -413,7 +415,7 @@ def test_stop_signals_record_the_first_and_ignore_a_forwarded_repeat(tiny):
 
 _TWO_SIGNALS = """
 import os, signal, time
-from distill.faults import StopSignals
+from distill.training.faults import StopSignals
 with StopSignals():
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(1.5)

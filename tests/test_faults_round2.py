@@ -172,7 +172,7 @@ def test_resumed_logs_keep_each_step_once(tmp_path):
 # while it waits on a stalled filesystem: it holds the lock for as long as the test needs.
 _HANGS_AT_STEP_6 = """
 import sys, time
-import distill.train as train
+import distill.training.loop as train
 real, calls = train.loss_step, [0]
 def loss_step(*args, **kwargs):
     calls[0] += 1
@@ -267,7 +267,8 @@ import errno, os, sys
 from pathlib import Path
 import torch
 from accelerate import Accelerator
-from distill.checkpoint import CheckpointError, save_checkpoint
+from distill.runs import CheckpointError
+from distill.training.checkpoint import save_checkpoint
 from distill.config import load_recipe
 
 out, cfg = Path(sys.argv[1]), load_recipe("demo")

@@ -13,7 +13,7 @@ from conftest import make_wave
 from distill.build import build_teacher
 from distill.config import load_recipe
 from distill.cli import build_parser
-from distill.data import load_audio_dataset, make_eval_batches
+from distill.data.loader import load_audio_dataset, make_eval_batches
 from distill.fit_teacher import DEFAULT_MAX_DEV_ITEMS, DEFAULT_MAX_ITEMS, REPORT_NAME, fit_teacher
 from teachers import FusedTeacher
 

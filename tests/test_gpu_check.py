@@ -23,6 +23,7 @@ def _load_module():
     return module
 
 
+@pytest.mark.slow
 def test_cpu_run_writes_results_and_says_gpu_skipped(tmp_path):
     out = tmp_path / "gpu"
     # CUDA hidden, so a CI machine with a GPU takes the same path; the venv's python, not a bare python3.

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.losses import distill_loss
+from distill.training.losses import distill_loss
 
 
 def _naive(pred, tgt, lengths, w):

@@ -109,7 +109,7 @@ def test_criteria_against_hand_computed_rows():
 @needs_espeak
 def test_corpus_is_readable_by_the_data_layer(tmp_path):
     from distill.config import DataConfig
-    from distill.data import load_audio_dataset, make_eval_batches
+    from distill.data.loader import load_audio_dataset, make_eval_batches
 
     cfg = _small(train=8, dev=2, test=2)
     summary = corpus_mod.build_corpus(cfg, tmp_path / "c")
@@ -217,7 +217,7 @@ def test_probe_rows_share_one_teacher_run_and_equal_the_single_upstream_teacher(
     run alone when it is interpolated)."""
     import torch
     from distill.build import single_upstream_teacher
-    from distill.probe import teacher_extractor
+    from distill.evaluation.extractors import teacher_extractor
     from teachers import FusedTeacher
     from tests.conftest import make_wave, tiny_config
 

@@ -27,10 +27,10 @@ import students.export as export_module  # noqa: E402
 from distill.build import student_config  # noqa: E402
 from distill.cli import main  # noqa: E402
 from distill.config import load_recipe  # noqa: E402
-from distill.data import load_audio_dataset, make_eval_batches  # noqa: E402
-from distill.evaluate import STUDENT, STUDENT_ONNX_FP32, STUDENT_ONNX_INT8, evaluate, format_report  # noqa: E402
+from distill.data.loader import load_audio_dataset, make_eval_batches  # noqa: E402
+from distill.evaluation.suite import STUDENT, STUDENT_ONNX_FP32, STUDENT_ONNX_INT8, evaluate, format_report  # noqa: E402
 from distill.export import export_run  # noqa: E402
-from distill.probe import hf_encoder_extractor, onnx_extractor  # noqa: E402
+from distill.evaluation.extractors import hf_encoder_extractor, onnx_extractor  # noqa: E402
 from students import DistillStudent, ParityError, PredictionHeads, add_onnx, build_student, check_parity  # noqa: E402
 from students.export import EXPORT_FILES  # noqa: E402
 from students.onnx import FP32_TOLERANCE, INT8_MIN_COSINE, onnx_output_names  # noqa: E402
@@ -150,6 +150,7 @@ def test_export_refuses_a_graph_that_differs_from_pytorch(exported, tmp_path, mo
     assert not report.passed and report.max_abs > FP32_TOLERANCE
 
 
+@pytest.mark.slow
 def test_cli_exports_onnx_from_a_student_folder(exported, tmp_path, capsys):
     folder, _, _ = exported
     out = tmp_path / "copy"

@@ -9,10 +9,12 @@ import torch
 from conftest import make_wave
 
 from distill.config import DataConfig
-from distill.data import load_audio_dataset, make_eval_batches
+from distill.data.loader import load_audio_dataset, make_eval_batches
 from distill.build import single_upstream_teacher, upstream_names
-from distill.metrics import ctc_greedy, edit_distance, error_rate
-from distill.probe import ProbeResult, ProbeTask, hf_encoder_extractor, run_probe, teacher_extractor, wants_normalised
+from distill.evaluation.metrics import ctc_greedy, edit_distance, error_rate
+from distill.evaluation.extractors import hf_encoder_extractor, teacher_extractor, wants_normalised
+from distill.evaluation.probe import run_probe
+from distill.evaluation.tasks import ProbeResult, ProbeTask
 from teachers import FusedTeacher, load_upstream, wav2vec_num_frames
 
 HOP = 100  # synthetic extractors: one frame per 100 samples

@@ -19,9 +19,10 @@ import torch
 from conftest import make_wave, tiny_config
 
 from distill.config import DataConfig
-from distill.data import DataError, load_audio_dataset, make_eval_batches
-from distill.evaluate import TEACHER, evaluate, format_probes, format_report
-from distill.probe import ProbeTask, is_missing, run_probe, run_probes
+from distill.data.loader import DataError, load_audio_dataset, make_eval_batches
+from distill.evaluation.suite import TEACHER, evaluate, format_probes, format_report
+from distill.evaluation.probe import run_probe, run_probes
+from distill.evaluation.tasks import ProbeTask, is_missing
 from teachers import FusedTeacher
 
 DEMO = Path(__file__).resolve().parent.parent / "data" / "demo"
@@ -58,7 +59,7 @@ def labelled_corpus(tmp_path_factory) -> Path:
 
 def test_extra_columns_kept_under_their_own_names(labelled_corpus, caplog):
     cfg = DataConfig(dataset_name=str(labelled_corpus))
-    with caplog.at_level(logging.WARNING, logger="distill.sources"):
+    with caplog.at_level(logging.WARNING, logger="distill.data.sources"):
         ds = load_audio_dataset(cfg, "dev", ["speaker", "style", "phonemes", "emotion", "speaker"])
     assert ds.column_names == ["id", "audio", "text", "speaker", "style", "phonemes", "duration"]
     expected = [r for r in _demo_rows() if r["split"] == "dev"]
@@ -197,7 +198,7 @@ def test_evaluate_probes_three_label_columns_in_one_call(labelled_corpus, tiny_u
     teacher = FusedTeacher.from_config({"upstreams": [tiny_config("wavlm"), tiny_config("hubert")], "projection_dim": 16})
     teacher.fit_pca([make_wave(1.0, seed=s) for s in range(3)])
     teacher.save_pretrained(tmp_path / "teacher")
-    import distill.evaluate as evaluate_module
+    import distill.evaluation.suite as evaluate_module
 
     calls: dict[str, int] = {}
     real = evaluate_module._probe_extractors

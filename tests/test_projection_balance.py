@@ -182,7 +182,7 @@ def test_a_reused_run_folder_with_another_balance_is_a_diff():
 def test_inspect_teacher_fits_and_shows_the_projection(tmp_path):
     from distill.config import load_recipe
     from distill.inspect import inspect_teacher
-    from distill.plots import format_projection
+    from distill.evaluation.plots import format_projection
 
     cfg = load_recipe("demo", ["teacher.pca_max_utterances=3", "teacher.projection_balance=split"])
     plain = inspect_teacher(cfg, seconds=0.5)

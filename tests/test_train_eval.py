@@ -1,4 +1,4 @@
-"""Evaluation while training (distill/validation.py): records, best checkpoint, early stopping,
+"""Evaluation while training (distill/training/validation.py): records, best checkpoint, early stopping,
 exactness and resume, through the real CLI on the demo recipe; plus the pure pieces."""
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distill.audio import HOP, crop_length
-from distill.checkpoint import BEST_FILE, BEST_MARKER, COMPLETE_MARKER, _rotate, mark_best
+from distill.data.audio import HOP, crop_length
+from distill.runs import BEST_FILE, BEST_MARKER, COMPLETE_MARKER, read_eval_log
+from distill.training.checkpoint import _rotate, mark_best
 from distill.config import RecipeError, load_recipe
-from distill.data import load_audio_dataset
-from distill.validation import convergence_report, evals_since_best, fixed_crops, read_eval_log, relative_slope
+from distill.data.loader import load_audio_dataset
+from distill.training.validation import convergence_report, evals_since_best, fixed_crops, relative_slope
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = ["teacher.pca_max_utterances=8", "data.max_crop_seconds=1.0", "training.logging_steps=1", "training.report_to=none"]
@@ -152,6 +153,7 @@ def test_eval_targets_from_a_cache_of_the_eval_split(tmp_path):
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
 
 
+@pytest.mark.slow
 def test_eval_settings_without_an_eval_split_fail_before_training(tmp_path):
     result = _cli("train", "demo", "--output-dir", tmp_path, "training.eval_steps=5", "data.eval_split_name=null")
     assert result.returncode == 2

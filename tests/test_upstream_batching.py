@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 from test_cache import _demo_recipe, corpus  # noqa: F401  (corpus: the module fixture, reused)
 
 from distill.build import build_teacher
-from distill.cache import cache_targets
-from distill.data import load_audio_dataset
+from distill.cache.writer import cache_targets
+from distill.data.loader import load_audio_dataset
 from teachers import load_upstream
 from teachers.upstream import padding_invariant
 
@@ -164,6 +164,7 @@ def test_cache_with_padded_batches_stores_rows_in_place(corpus, tmp_path):  # no
         torch.testing.assert_close(tensors[4][key].float(), alone.float(), atol=1e-3, rtol=2**-10)
 
 
+@pytest.mark.slow
 def test_benchmark_quick_runs():
     # A subprocess: the benchmark sets its own thread count and must run as a script.
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "teacher_batching.py"), "--quick", "--threads", "1"],

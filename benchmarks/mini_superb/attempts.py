@@ -19,7 +19,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from distill.config import load_recipe
-from distill.probe import teacher_extractor
+from distill.evaluation.extractors import teacher_extractor
 from teachers import FusedTeacher
 
 from .config import BenchmarkConfig, config_hash

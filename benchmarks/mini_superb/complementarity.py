@@ -41,7 +41,7 @@ import torch
 from distill.build import pca_waveforms
 from distill.complementarity import complementarity_of, format_complementarity, write_report
 from distill.data import load_audio_dataset
-from distill.probe import teacher_extractor
+from distill.evaluation.extractors import teacher_extractor
 from teachers import FusedTeacher
 from teachers.complementarity import LITTLE
 

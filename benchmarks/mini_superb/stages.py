@@ -2,9 +2,9 @@
 
 - distil: `python -m distill train RECIPE` in a real process, one per teacher;
 - fit: `python -m distill fit-teacher` for the supervised-projection row;
-- probe: `distill.probe.run_probes` on features from `teacher_extractor` / `hf_encoder_extractor`;
+- probe: `distill.evaluation.probe.run_probes` on features from `teacher_extractor` / `hf_encoder_extractor`;
 - fine-tune: a stock `AutoModelForCTC.from_pretrained(student_folder)` in a plain loop;
-- cost: `distill.cost` jobs on 10 s of audio, interleaved rounds, one run.
+- cost: `distill.evaluation.cost` jobs on 10 s of audio, interleaved rounds, one run.
 """
 
 from __future__ import annotations
@@ -28,11 +28,13 @@ from transformers import AutoModel, AutoModelForCTC, Wav2Vec2FeatureExtractor, g
 
 from distill.build import single_upstream_teacher
 from distill.config import DataConfig, load_recipe
-from distill.cost import audio_encoder_job, fused_teacher_job, measure_jobs, student_job, whisper_encoder_job
-from distill.data import load_audio_dataset, make_eval_batches
-from distill.metrics import ctc_greedy, error_rate
-from distill.probe import ProbeTask, hf_encoder_extractor, run_probes, teacher_extractor
-from distill.validation import read_eval_log
+from distill.evaluation.cost import audio_encoder_job, fused_teacher_job, measure_jobs, student_job, whisper_encoder_job
+from distill.data.loader import load_audio_dataset, make_eval_batches
+from distill.evaluation.metrics import ctc_greedy, error_rate
+from distill.evaluation.extractors import hf_encoder_extractor, teacher_extractor
+from distill.evaluation.probe import run_probes
+from distill.evaluation.tasks import ProbeTask
+from distill.runs import read_eval_log
 from teachers import FusedTeacher
 
 from .config import BenchmarkConfig

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, Wav2Vec2FeatureExtractor, get_scheduler
 
-from distill.metrics import ctc_greedy, error_rate
+from distill.evaluation.metrics import ctc_greedy, error_rate
 
 from .config import UpstreamConfig, config_hash
 

@@ -3,8 +3,8 @@
 `DataConfig.dataset_name` is a hub dataset id (or a local folder of parquet/arrow shards laid out
 like a hub repo), a folder of audio files (with an optional metadata.csv/.jsonl), or a CSV/JSONL
 manifest. Audio stays `{"path", "bytes"}` (`datasets.Audio(decode=False)`) and is decoded with
-soundfile + soxr later, in the loader workers (distill/audio.py), never with torchcodec.
-distill/data.py turns the rows into batches and re-exports `load_audio_dataset` and `DataError`.
+soundfile + soxr later, in the loader workers (distill/data/audio.py), never with torchcodec.
+distill/data/loader.py turns the rows into batches and re-exports `load_audio_dataset` and `DataError`.
 
 Ids: folders and manifests use the audio path relative to the source, without suffix; map-style
 hub rows without an `id` column are numbered in dataset order (`train-00000012`); streamed hub
@@ -32,7 +32,7 @@ import datasets
 import numpy as np
 
 from .audio import SkipCounter, header_durations
-from .config import DataConfig, RecipeError
+from ..config import DataConfig, RecipeError
 
 __all__ = ["AnyDataset", "DataError", "load_audio_dataset"]
 
@@ -43,7 +43,7 @@ METADATA_NAMES = ("metadata.csv", "metadata.jsonl")
 AUDIO_FALLBACKS = ("file_name", "path")  # manifest columns tried after audio_column_name
 
 AnyDataset = Union[datasets.Dataset, datasets.IterableDataset]
-# Names the rows or the eval batches already use (distill/data.py's batch keys); an extra column
+# Names the rows or the eval batches already use (distill/data/loader.py's batch keys); an extra column
 # under one of them would overwrite what the loader or the trainer reads.
 RESERVED_COLUMNS = frozenset({"id", "audio", "text", "label", "duration", "waveforms", "lengths", "ids", "skipped",
                               "texts", "labels", "starts"})

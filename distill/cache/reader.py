@@ -1,4 +1,4 @@
-"""Reading a target cache written by `cache-targets` (distill/cache.py), and the format both sides share.
+"""Reading a target cache written by `cache-targets` (distill/cache/writer.py), and the format both sides share.
 
 Storage dtypes (the manifest's "dtype", `cache-targets --dtype` / `data.targets_cache_dtype`):
 - float16: per utterance a float16 (K, T, D) tensor keyed `utt00000`.. (index inside the shard);
@@ -15,7 +15,6 @@ it reads, when it reads them. `TargetCache.verify()` (`fusion-distill verify-cac
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,9 +26,10 @@ from tqdm.auto import tqdm
 
 from teachers import CONFIG_NAME, read_saved_config, wav2vec_num_frames
 
-from .audio import HOP
-from .build import teacher_config_diffs
-from .config import DataConfig, TeacherConfig
+from ..data.audio import HOP
+from ..build import teacher_config_diffs
+from ..checksums import sha256_file
+from ..config import DataConfig, TeacherConfig
 
 __all__ = ["CacheError", "TargetCache", "DTYPES", "MANIFEST_NAME", "TEACHER_DIR", "encode_targets"]
 
@@ -71,16 +71,6 @@ def encode_targets(key: str, targets: torch.Tensor, dtype: str, what: str) -> di
 
 def _key(i: int) -> str:
     return f"utt{i:05d}"
-
-
-def _sha256(path: Path, bar: Optional[tqdm] = None) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-            if bar is not None:
-                bar.update(len(block))
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- reading
@@ -300,7 +290,7 @@ def _check_file(folder: Path, relative: Path, expected: str, bar: Optional[tqdm]
     path = folder / relative
     if not path.is_file():
         raise CacheError(f"cache {folder}: {relative} is missing; rerun cache-targets")
-    got = _sha256(path, bar)
+    got = sha256_file(path, bar)
     if got != expected:
         raise CacheError(f"cache {folder}: {relative} checksum mismatch (expected {expected[:12]}, got {got[:12]}); "
                          "rerun cache-targets")

@@ -2,7 +2,7 @@
 
 Every `training.eval_steps` optimizer steps (and at the end) the student is scored on
 `data.eval_split_name` against the teacher's targets: per target layer the L1, the cosine and
-the loss of distill.losses.distill_loss, pooled over the VALID frames of every eval utterance
+the loss of distill.training.losses.distill_loss, pooled over the VALID frames of every eval utterance
 and of every rank (sums of frame-weighted figures and frame counts are reduced, never means of
 means). The crops never change: whole utterances up to `data.max_crop_seconds`, longer ones cut
 at a frame-aligned start drawn from a generator seeded with the recipe seed and the row index,
@@ -32,18 +32,17 @@ from accelerate import Accelerator
 
 from teachers import FusedTeacher
 
-from .audio import HOP, crop_length
-from .cache import TargetCache
-from .config import RecipeConfig
-from .data import load_audio_dataset, make_eval_batches
+from ..data.audio import HOP, crop_length
+from ..cache.writer import TargetCache
+from ..config import RecipeConfig
+from ..runs import EVAL_LOG, append_log
+from ..data.loader import load_audio_dataset, make_eval_batches
 from .losses import distill_loss
 
 __all__ = [
-    "EVAL_LOG",
     "EvalSet",
     "Evaluator",
     "fixed_crops",
-    "read_eval_log",
     "relative_slope",
     "evals_since_best",
     "convergence_report",
@@ -51,7 +50,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-EVAL_LOG = "eval_log.jsonl"
 _CROP_STREAM = 0xE7A1  # mixed into the crop seed, so eval crops never share a stream with training
 
 
@@ -256,19 +254,6 @@ def convergence_report(history: Sequence[Sequence[float]], window: int, min_slop
     return f"eval loss flat {where}: the student has converged at this learning rate (best at step {best_step})"
 
 
-def read_eval_log(run_dir: str | Path) -> list[dict]:
-    """The run's eval records in step order; a step evaluated twice (a resumed run) keeps its last record."""
-    path = Path(run_dir) / EVAL_LOG
-    if not path.is_file():
-        return []
-    by_step = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            record = json.loads(line)
-            by_step[record["step"]] = record
-    return [by_step[step] for step in sorted(by_step)]
-
-
 # --------------------------------------------------------------------------- the trainer's view
 
 
@@ -319,8 +304,7 @@ class Evaluator:
         stop = patience is not None and evals_since_best(state.eval_history, state.best_step) >= patience
         accelerator.log({f"eval/{k}": v for k, v in record.items() if k not in ("step", "best")}, step=state.step)
         if accelerator.is_main_process:
-            with open(self.out / EVAL_LOG, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_log(self.out, EVAL_LOG, record)
         return EvalOutcome(record, is_best, stop)
 
     def report(self, state) -> str:

@@ -3,7 +3,7 @@
 datasets 5.x decodes `Audio` columns with torchcodec + FFmpeg, and the PyPI torchcodec does not
 import on CPU-only torch. So datasets only ever hands us `{"path", "bytes"}` (`Audio(decode=False)`)
 and everything here works from that: mono, 16 kHz, float32. Nothing in this module knows about
-`datasets`; distill/sources.py does the loading and distill/data.py the batching.
+`datasets`; distill/data/sources.py does the loading and distill/data/loader.py the batching.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Rendering an evaluation result (distill/evaluate.py's dict): markdown tables and the figure.
+"""Rendering an evaluation result (distill/evaluation/suite.py's dict): markdown tables and the figure.
 
 Tables are plain strings (the CLI prints them). matplotlib is optional (the `plots` extra):
 figures are drawn on a bare `matplotlib.figure.Figure` (Agg canvas), never through pyplot, so
@@ -167,7 +167,7 @@ def format_projection(report: dict[str, Any] | None) -> str:
 
 
 def format_cost(section: dict[str, Any]) -> str:
-    """Markdown cost table (distill.cost.cost_table) with ratios against the reference row."""
+    """Markdown cost table (distill.evaluation.cost.cost_table) with ratios against the reference row."""
     if "skipped" in section:
         return f"cost: skipped ({section['skipped']})"
     fields = {f.name for f in dataclasses.fields(Cost)}

@@ -13,7 +13,7 @@
   never separated from its teacher;
 - `shard-00000.safetensors`, ...: one shard per `shard_size` dataset rows in dataset order;
   per utterance its targets (float16, or int8 codes + float16 per-frame scales: see
-  distill/target_cache.py) for the whole utterance on the wav2vec frame grid (hop 320,
+  distill/cache/reader.py) for the whole utterance on the wav2vec frame grid (hop 320,
   400-sample receptive field, 49 frames for 1.0 s), plus `num_frames` (n,) int64;
 - `manifest.json`: format, teacher hash, layer ids, target_dim, dtype, frame grid, per shard
   its sha256, size, ids, frame and sample counts, and what was skipped and why.
@@ -52,15 +52,16 @@ from tqdm.auto import tqdm
 from teachers import CONFIG_NAME, FusedTeacher, wav2vec_num_frames
 from teachers.fused import WEIGHTS_NAME
 
-from .audio import HOP, RECEPTIVE_FIELD, BadAudio, decode_audio
-from .build import build_teacher
-from .config import RecipeConfig
-from .data import load_audio_dataset
-from .runlock import locked
-from .target_cache import (
-    DTYPES, FORMAT, MANIFEST_NAME, TEACHER_DIR, VERSION, CacheError, TargetCache, _key, _sha256, encode_targets,
+from ..data.audio import HOP, RECEPTIVE_FIELD, BadAudio, decode_audio
+from ..build import build_teacher
+from ..checksums import sha256_file
+from ..config import RecipeConfig
+from ..data.loader import load_audio_dataset
+from .reader import (
+    DTYPES, FORMAT, MANIFEST_NAME, TEACHER_DIR, VERSION, CacheError, TargetCache, _key, encode_targets,
     refuse_streaming,
 )
+from ..runlock import locked
 
 __all__ = ["CacheError", "TargetCache", "cache_targets", "MANIFEST_NAME", "TEACHER_DIR", "DTYPES"]
 
@@ -236,7 +237,7 @@ def _shard_done(out: Path, entry: Optional[dict], row_ids: list[str]) -> bool:
         return False
     if set(row_ids) != set(entry["ids"]) | set(entry["skipped_ids"]):
         raise CacheError(f"cache {out}: {entry['file']} holds other utterances than the dataset now has; use a new folder")
-    return _sha256(out / entry["file"]) == entry["sha256"]
+    return sha256_file(out / entry["file"]) == entry["sha256"]
 
 
 def _write_shard(
@@ -266,7 +267,7 @@ def _write_shard(
                                            "dtype": manifest["dtype"]})
     os.replace(tmp, out / name)  # a crash never leaves a half-written shard under the real name
     return {
-        "index": index, "file": name, "sha256": _sha256(out / name), "bytes": (out / name).stat().st_size,
+        "index": index, "file": name, "sha256": sha256_file(out / name), "bytes": (out / name).stat().st_size,
         "rows": len(rows), "utterances": len(ids),
         "frames": sum(frames), "ids": ids, "num_frames": frames, "num_samples": [len(w) for _, w in kept],
         "skipped": dict(Counter(skipped_ids.values())), "skipped_ids": skipped_ids,
@@ -319,7 +320,7 @@ def _save_json(path: Path, value: dict) -> None:
 
 
 def _teacher_checksums(folder: Path) -> dict[str, str]:
-    return {name: _sha256(folder / name) for name in (CONFIG_NAME, WEIGHTS_NAME)}
+    return {name: sha256_file(folder / name) for name in (CONFIG_NAME, WEIGHTS_NAME)}
 
 
 def _short(value: Any) -> str:

@@ -17,228 +17,33 @@ Cost: the extractor is frozen, so every utterance is extracted ONCE and its vali
 in CPU memory (L x T x D values each, `cache_dtype`). A trainable step between the frozen features
 and the interface (the fused teacher's projection) is a `transform` run on the cache every step
 (`feature_grad=True`, its parameters in `extra_parameters`): upstream forwards still run once.
-Labels: column `c` is read from `batch[c]` (make_eval_batches' extra columns) or `batch[c + "s"]`
-("texts"/"labels"); `ProbeTask.from_batches` takes the vocabulary from the (capped) training batches
-themselves, so nothing beyond what the probe trains on is ever read. A row without a value for a
-task (None, an empty string, NaN) is left out of that task only and counted in its ProbeResult.
+Task types live in tasks.py (ProbeTask, ProbeResult), extractors in extractors.py; this module
+holds the heads and their fitting.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from students import normalize_waveforms
-from teachers import FusedTeacher, HConv, WeightedSum, frame_mask
-from teachers.upstream import _wants_normalised
+from teachers import HConv, WeightedSum, frame_mask
 
+from .extractors import Extractor
 from .metrics import ctc_greedy, error_rate
+from .tasks import ProbeResult, ProbeTask, is_missing
 
-__all__ = ["ProbeTask", "ProbeResult", "Extractor", "run_probe", "run_probes", "hf_encoder_extractor",
-           "onnx_extractor", "teacher_extractor", "wants_normalised", "is_missing"]
+__all__ = ["run_probe", "run_probes"]
 
 logger = logging.getLogger(__name__)
 
-# (waveforms (B, S) zero-padded, sample lengths (B,)) -> (features (L, B, T, D), frame lengths (B,))
-Extractor = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 Transform = Callable[[torch.Tensor], torch.Tensor]  # (L, B, T, D) -> (L, B, T, D')
-_KINDS, _HEADS = ("ctc", "classification"), ("linear", "lstm")
+_HEADS = ("linear", "lstm")
 _MAX_GRAD_NORM = 5.0  # CTC has rare loss spikes early on; clipping keeps short budgets stable
-
-
-@dataclass
-class ProbeTask:
-    """What to predict: `kind` "ctc" | "classification" from dataset `column`; `vocab`: the CTC
-    symbols (blank is index 0 and not listed) or the class names."""
-
-    kind: str
-    column: str
-    vocab: list[str]
-
-    @property
-    def name(self) -> str:
-        """"kind:column", as the CLI's --probe-task spells it."""
-        return f"{self.kind}:{self.column}"
-
-    def __post_init__(self) -> None:
-        if self.kind not in _KINDS:
-            raise ValueError(f"ProbeTask: kind={self.kind!r}, expected one of {', '.join(_KINDS)}")
-        if not self.vocab:
-            raise ValueError(f"ProbeTask: empty vocabulary for column {self.column!r}")
-        self._index = {symbol: i for i, symbol in enumerate(self.vocab)}
-
-    @classmethod
-    def from_batches(cls, batches: Iterable[Mapping[str, Any]], kind: str, column: str) -> "ProbeTask":
-        """Vocabulary from the labels of already materialised (training) batches: sorted characters
-        (ctc) or sorted labels as str (classification). Only these batches are read, so the
-        vocabulary costs nothing beyond the item cap the probe trains on."""
-        values: list[Any] = []
-        found, keys = False, set()
-        for batch in batches:
-            labels = _batch_labels(batch, column)
-            if labels is None:
-                keys.update(batch)
-                continue
-            found = True
-            values.extend(v for v in labels if not is_missing(v))
-        if not found:
-            raise ValueError(f"ProbeTask: no {column!r} labels in the batches; keys: {', '.join(sorted(keys)) or 'none'}")
-        if kind == "ctc":
-            return cls(kind, column, sorted({ch for v in values for ch in str(v)}))
-        return cls(kind, column, sorted({str(v) for v in values}))
-
-    def encode(self, value: Any) -> list[int]:
-        """CTC: symbol ids (1-based; characters outside the vocab dropped). Classification: [class] or [-1]."""
-        if self.kind == "ctc":
-            return [self._index[ch] + 1 for ch in str(value) if ch in self._index]
-        return [self._index.get(str(value), -1)]
-
-    def labels_of(self, batch: Mapping[str, Any]) -> list[Any]:
-        labels = _batch_labels(batch, self.column)
-        if labels is None:
-            raise KeyError(f"ProbeTask: batch has no {self.column!r} labels; keys: {', '.join(batch)}")
-        return labels
-
-
-def _batch_labels(batch: Mapping[str, Any], column: str) -> Optional[list[Any]]:
-    # The column's own name first: a dataset may have both "speaker" and "speakers".
-    for key in (column, column + "s"):
-        if key in batch:
-            return list(batch[key])
-    return None
-
-
-def is_missing(value: Any) -> bool:
-    """No label: None, an empty or blank string (a CSV's empty cell), or NaN (pandas' empty cell)."""
-    if value is None:
-        return True
-    if isinstance(value, str):
-        return not value.strip()
-    return isinstance(value, float) and math.isnan(value)
-
-
-@dataclass
-class ProbeResult:
-    """Dev `score` ("cer" or "accuracy"), mean loss of the last tenth of the steps, utterances used,
-    and utterances left out of this task because they had no value for its column."""
-
-    metric: str
-    score: float
-    train_loss: float
-    steps: int
-    num_train: int
-    num_dev: int
-    missing_train: int = 0
-    missing_dev: int = 0
-
-    @property
-    def lower_is_better(self) -> bool:
-        return self.metric == "cer"
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "lower_is_better": self.lower_is_better}
-
-
-# --------------------------------------------------------------------------- extractors
-
-
-def hf_encoder_extractor(model: nn.Module, normalize: Optional[bool] = None) -> Extractor:
-    """All hidden states (L + 1, B, T, D) of a stock HF wav2vec-family encoder (AutoModel).
-
-    Items run one by one, unpadded: group-norm front-ends change under zero padding even with an
-    attention mask. normalize: zero-mean/unit-variance per utterance as
-    Wav2Vec2FeatureExtractor does; None follows `do_normalize` of the preprocessor_config.json in
-    the folder the model was loaded from, else `feat_extract_norm == "layer"` (`wants_normalised`,
-    the teachers' rule). The model runs in eval mode; its mode is restored afterwards.
-    """
-    wants_norm = wants_normalised(model) if normalize is None else bool(normalize)
-
-    def extract(waveforms: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if wants_norm:
-            waveforms = normalize_waveforms(waveforms, lengths)[0]
-        states = _run_unpadded(model, [waveforms[b, : int(n)] for b, n in enumerate(lengths.tolist())])
-        frames = torch.tensor([s.shape[1] for s in states], dtype=torch.long)
-        out = states[0].new_zeros(states[0].shape[0], len(states), int(frames.max()), states[0].shape[-1])
-        for b, s in enumerate(states):
-            out[:, b, : s.shape[1]] = s
-        return out, frames
-
-    return extract
-
-
-def onnx_extractor(model: Union[str, "os.PathLike[str]", Any], normalize: bool = True, threads: int = 1) -> Extractor:
-    """All hidden states (L + 1, B, T, D) of an exported student's ONNX graph (students.onnx:
-    `model.onnx` or `model_int8.onnx`, a path or an onnxruntime InferenceSession), so a probe
-    scores exactly what ships under ONNX Runtime.
-
-    As `hf_encoder_extractor`: items run one by one, unpadded, normalised per utterance when
-    `normalize` (the folder's preprocessor_config.json `do_normalize`; True for every export).
-    Features come back as float32 CPU tensors.
-    """
-    from students.onnx import onnx_session, run_onnx
-
-    session = model if hasattr(model, "run") else onnx_session(model, threads)
-    names = [o.name for o in session.get_outputs() if o.name.startswith("hidden_state_")]
-    if not names:
-        raise ValueError("onnx_extractor: the graph has no hidden_state_* outputs; export it with students.onnx")
-    names.sort(key=lambda name: int(name.rsplit("_", 1)[1]))  # hidden_state_10 after hidden_state_9
-
-    def extract(waveforms: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if normalize:
-            waveforms = normalize_waveforms(waveforms, lengths)[0]
-        states = []
-        for b, n in enumerate(lengths.tolist()):
-            outputs = run_onnx(session, waveforms[b: b + 1, : int(n)].float().cpu())
-            states.append(torch.stack([torch.from_numpy(outputs[name][0]) for name in names]))  # (L + 1, T, D)
-        frames = torch.tensor([s.shape[1] for s in states], dtype=torch.long)
-        out = states[0].new_zeros(states[0].shape[0], len(states), int(frames.max()), states[0].shape[-1])
-        for b, s in enumerate(states):
-            out[:, b, : s.shape[1]] = s
-        return out, frames
-
-    return extract
-
-
-def teacher_extractor(teacher: FusedTeacher, project: bool = True) -> Extractor:
-    """The fused teacher's per-layer features: Z = `teacher.project(features)` (L, B, T, D_f) (the
-    fitted projection, or the concatenation / average by target mode), or with `project=False` the
-    aligned, normalised concatenation (L, B, T, sum D_i), to fit the projection as a `transform`."""
-    if project and not teacher.fitted:
-        raise ValueError("teacher_extractor: the teacher's projection is not fitted; fit it or use project=False")
-
-    def extract(waveforms: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.no_grad():
-            features, frames = teacher.features(waveforms, lengths=lengths)
-            return (teacher.project(features) if project else features), frames
-
-    return extract
-
-
-def _run_unpadded(model: nn.Module, waves: list[torch.Tensor]) -> list[torch.Tensor]:
-    param, was_training = next(model.parameters()), model.training
-    model.eval()  # dropout, layerdrop and SpecAugment would make the features random
-    try:
-        with torch.no_grad():
-            outputs = (model(w[None].to(param.device, param.dtype), output_hidden_states=True) for w in waves)
-            return [torch.stack(out.hidden_states)[:, 0].float() for out in outputs]
-    finally:
-        model.train(was_training)
-
-
-def wants_normalised(model: nn.Module) -> bool:
-    """Whether a loaded HF encoder expects zero-mean unit-variance audio: the rule the teachers'
-    upstreams use (the preprocessor config of the folder / hub id it was loaded from, else
-    `feat_extract_norm == "layer"`)."""
-    config = getattr(model, "config", None)
-    source = str(getattr(config, "_name_or_path", "") or "") or None
-    return _wants_normalised(config, source)
 
 
 # --------------------------------------------------------------------------- heads

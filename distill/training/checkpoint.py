@@ -11,7 +11,7 @@ the `save_total_limit` newest checkpoints plus that one, whatever its age.
 
 Faults (issue 7): the completion marker is JSON recording the step, the number of processes and
 the sha256 of every file, hashed from disk after writing, so the newest checkpoint is a verified
-one and `find_checkpoint` can tell a damaged one (truncated file, bit rot) from a good one. A save
+one and `distill.runs.find_checkpoint` can tell a damaged one (truncated file, bit rot) from a good one. A save
 that fails (full disk, permissions) removes its partial folder and leaves the others untouched; a
 student with non-finite weights is never saved. A checkpoint whose weights made training diverge
 gets a `diverged` marker and is no longer `latest`. Resuming compares the checkpoint's recipe with
@@ -21,11 +21,9 @@ the current one (`check_resume_recipe`).
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -33,31 +31,23 @@ from typing import Any, Optional, Sequence
 
 import torch
 from accelerate import Accelerator
-from omegaconf import OmegaConf
 
-from .config import RecipeConfig, RecipeError, load_recipe
+from ..checksums import sha256_file
+from ..config import RecipeConfig, RecipeError, load_recipe
+from ..runs import (
+    BEST_FILE, BEST_MARKER, CHECKPOINT_PREFIX, COMPLETE_MARKER, DIVERGED_MARKER, RECIPE_FILE, CheckpointError, checkpoint_dir,
+    checkpoint_info, checkpoint_step, list_checkpoints, save_recipe,
+)
 
 __all__ = [
-    "CHECKPOINT_PREFIX", "BEST_FILE", "CheckpointError", "save_checkpoint", "list_checkpoints", "find_checkpoint",
-    "checkpoint_info", "verify_checkpoint", "mark_best", "mark_diverged", "read_best", "load_weights_strict",
-    "nonfinite_weights", "any_rank", "recipe_changes", "check_resume_recipe", "describe_changes", "SAFE_TO_CHANGE",
+    "CheckpointError", "save_checkpoint", "mark_best", "mark_diverged", "load_weights_strict", "nonfinite_weights",
+    "any_rank", "recipe_changes", "check_resume_recipe", "describe_changes", "SAFE_TO_CHANGE",
 ]
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_PREFIX = "checkpoint-"
-COMPLETE_MARKER = "checkpoint_complete"
-BEST_MARKER = "best_checkpoint"  # inside the checkpoint folder: rotation never deletes it
-BEST_FILE = "best_checkpoint.json"  # in the run folder: which checkpoint, and its eval figures
-DIVERGED_MARKER = "diverged"  # inside a checkpoint whose weights gave only non-finite losses
-RECIPE_FILE = "recipe.yaml"
-_NAME = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 # Written after the marker, so not covered by its checksums.
 _UNHASHED = {COMPLETE_MARKER, BEST_MARKER, DIVERGED_MARKER}
-
-
-class CheckpointError(OSError):
-    """A checkpoint that could not be written or read; the message is one line naming the folder."""
 
 
 def any_rank(accelerator: Accelerator, flag: bool) -> bool:
@@ -89,7 +79,7 @@ def save_checkpoint(
     Returns None (and writes nothing) when `model` holds non-finite weights on any rank. Raises
     CheckpointError on every rank when any rank failed to write; the partial folder is removed.
     """
-    final = out / f"{CHECKPOINT_PREFIX}{step}"
+    final = checkpoint_dir(out, step)
     bad, first = nonfinite_weights(accelerator.unwrap_model(model))
     if any_rank(accelerator, bad > 0):
         # Such a checkpoint would be the newest, so `latest` and rotation would favour it over good ones.
@@ -108,7 +98,7 @@ def save_checkpoint(
         _raise_save_failure(accelerator, tmp, final, failure)
     if accelerator.is_main_process:
         try:
-            OmegaConf.save(OmegaConf.structured(cfg), tmp / RECIPE_FILE)
+            save_recipe(cfg, tmp)
             info = {"step": step, "num_processes": accelerator.num_processes, "files": _hash_files(tmp)}
             (tmp / COMPLETE_MARKER).write_text(json.dumps(info, indent=1) + "\n")
             if final.exists():
@@ -149,90 +139,13 @@ def _first_failure(accelerator: Accelerator, failure: Optional[OSError]) -> tupl
 
 def _hash_files(folder: Path) -> dict[str, str]:
     # Read back from disk after writing: what is hashed is what a resume will read.
-    return {str(path.relative_to(folder)): _sha256(path) for path in sorted(folder.rglob("*"))
+    return {str(path.relative_to(folder)): sha256_file(path) for path in sorted(folder.rglob("*"))
             if path.is_file() and path.name not in _UNHASHED}
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def checkpoint_info(path: Path) -> dict:
-    """The completion marker: {"step", "num_processes", "files"}; older markers hold just the step."""
-    text = (Path(path) / COMPLETE_MARKER).read_text().strip()
-    if text.isdigit():  # written before checksums were recorded
-        return {"step": int(text), "num_processes": None, "files": None}
-    try:
-        info = json.loads(text)
-        return {"step": int(info["step"]), "num_processes": info.get("num_processes"), "files": info.get("files")}
-    except (ValueError, KeyError, TypeError):
-        raise CheckpointError(f"{path}/{COMPLETE_MARKER}: damaged (neither a step nor the JSON checkpoint record)") from None
-
-
-def verify_checkpoint(path: Path) -> Optional[str]:
-    """None when every file matches the marker's sha256; else what is wrong, naming the file."""
-    path = Path(path)
-    try:
-        files = checkpoint_info(path)["files"]
-    except CheckpointError as err:
-        return str(err)
-    if files is None:
-        return None  # an older checkpoint without checksums: nothing to compare against
-    for name, expected in files.items():
-        file = path / name
-        if not file.is_file():
-            return f"{file} is missing"
-        if _sha256(file) != expected:
-            return f"{file} is damaged (sha256 differs from the one recorded when it was saved)"
-    return None
-
-
-def list_checkpoints(out: Path, include_diverged: bool = False) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (without the diverged ones unless asked)."""
-    found = []
-    for path in Path(out).glob(f"{CHECKPOINT_PREFIX}*"):
-        match = _NAME.match(path.name)
-        if match and (path / COMPLETE_MARKER).exists() and (include_diverged or not (path / DIVERGED_MARKER).exists()):
-            found.append((int(match.group(1)), path))
-    return [path for _, path in sorted(found)]
-
-
-def find_checkpoint(out: Path, which: str, verify: bool = True) -> Path:
-    """`latest` -> the newest complete checkpoint that verifies (damaged newer ones are named in a
-    warning); otherwise a checkpoint folder, which must verify. Errors are one line."""
-    if which == "latest":
-        checkpoints = list_checkpoints(out)
-        if not checkpoints:
-            diverged = list_checkpoints(out, include_diverged=True)
-            hint = f" ({diverged[-1].name} is marked diverged; name it explicitly to use it anyway)" if diverged else ""
-            raise FileNotFoundError(f"no complete checkpoint in {out}{hint}")
-        damaged = []
-        for path in reversed(checkpoints):
-            problem = verify_checkpoint(path) if verify else None
-            if problem is None:
-                if damaged:
-                    logger.warning("%s; using %s instead", "; ".join(damaged), path.name)
-                return path
-            damaged.append(problem)
-        raise CheckpointError(f"no intact checkpoint in {out}: {'; '.join(damaged)}")
-    path = Path(which)
-    if not (path / COMPLETE_MARKER).exists():
-        raise FileNotFoundError(f"{which}: not a complete checkpoint folder (no {COMPLETE_MARKER})")
-    problem = verify_checkpoint(path) if verify else None
-    if problem is not None:
-        raise CheckpointError(problem)
-    if (path / DIVERGED_MARKER).exists():
-        logger.warning("%s: training diverged from these weights before (%s)", path, (path / DIVERGED_MARKER).read_text().strip())
-    return path
 
 
 def mark_diverged(out: Path, step: int, reason: str) -> Optional[Path]:
     """Mark checkpoint-STEP (main process only) so `latest` skips it; None when there is none."""
-    path = Path(out) / f"{CHECKPOINT_PREFIX}{step}"
+    path = checkpoint_dir(out, step)
     if not (path / COMPLETE_MARKER).exists():
         return None
     (path / DIVERGED_MARKER).write_text(reason + "\n")
@@ -241,7 +154,7 @@ def mark_diverged(out: Path, step: int, reason: str) -> Optional[Path]:
 
 def mark_best(out: Path, step: int, record: dict, total_limit: int | None) -> Path:
     """Mark checkpoint-STEP as the best (main process only); unmark the previous one and rotate."""
-    best = out / f"{CHECKPOINT_PREFIX}{step}"
+    best = checkpoint_dir(out, step)
     if not (best / COMPLETE_MARKER).exists():
         raise FileNotFoundError(f"{best}: no complete checkpoint to mark as the best")
     (best / BEST_MARKER).write_text(json.dumps(record) + "\n")
@@ -253,12 +166,6 @@ def mark_best(out: Path, step: int, record: dict, total_limit: int | None) -> Pa
     os.replace(tmp, out / BEST_FILE)
     _rotate(out, total_limit)
     return best
-
-
-def read_best(out: Path) -> dict | None:
-    """The run's best_checkpoint.json ({"step", "checkpoint", "eval"}), or None without one."""
-    path = Path(out) / BEST_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def load_weights_strict(module: torch.nn.Module, weights: dict[str, torch.Tensor], source: str, hint: str = "") -> None:
@@ -284,12 +191,8 @@ def _rotate(out: Path, total_limit: int | None) -> None:
             shutil.rmtree(path)
     # A diverged checkpoint older than the newest good one is of no further use.
     for path in list_checkpoints(out, include_diverged=True):
-        if kept and (path / DIVERGED_MARKER).exists() and _step_of(path) < _step_of(kept[-1]):
+        if kept and (path / DIVERGED_MARKER).exists() and checkpoint_step(path) < checkpoint_step(kept[-1]):
             shutil.rmtree(path)
-
-
-def _step_of(path: Path) -> int:
-    return int(_NAME.match(path.name).group(1))
 
 
 # --------------------------------------------------------------------------- resuming with a recipe

@@ -13,13 +13,13 @@ names it ("checkpoint": path, step, which rule picked it, the run's best and new
    utterances (the recipe's eval split), pooled over frames. It needs the prediction heads, which
    only a run folder has (in its checkpoints); an exported student folder has none, so the
    section is skipped there and says so.
-2. Probes (SUPERB style, distill/probe.py): frozen features + weighted sum + small head, for each
+2. Probes (SUPERB style, distill/evaluation/probe.py): frozen features + weighted sum + small head, for each
    task in `probe_tasks` ("kind:column", any column of the dataset), for the student, the fused
    teacher and every single upstream, with one budget (steps, learning rate, seed) for all; each
    model's features are extracted once for all tasks. An exported folder with `model.onnx` also
    probes its int8 graph (`model_int8.onnx`, quantised into OUT when absent), so the table shows
    what int8 costs in task score.
-3. Cost (distill/cost.py): params, GFLOPs and median CPU latency on `cost_seconds` of audio for
+3. Cost (distill/evaluation/cost.py): params, GFLOPs and median CPU latency on `cost_seconds` of audio for
    the same models (and an exported folder's ONNX graphs under ONNX Runtime), all in fp32 on the CPU (a bf16 or GPU teacher is cast and moved for the
    measurement and put back afterwards), with speed-up and size ratios against the fused teacher.
 
@@ -36,37 +36,34 @@ import logging
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
-from safetensors.torch import load_file
-from transformers import PreTrainedModel
 
 from students import DistillStudent
-from students.onnx import INT8_FILE, ONNX_FILE, quantize_int8, require_onnx
+from students.onnx import INT8_FILE, quantize_int8, require_onnx
 from teachers import FusedTeacher, frame_mask
 
-from .audio import RECEPTIVE_FIELD
-from .build import build_distill_student, single_upstream_teacher, upstream_names
-from .checkpoint import checkpoint_info, find_checkpoint, list_checkpoints, load_weights_strict, read_best
-from .config import DataConfig, load_recipe
+from ..build import single_upstream_teacher, upstream_names
+from ..config import DataConfig
+from ..data.audio import RECEPTIVE_FIELD
+from ..runs import read_eval_log
 from .cost import (Cost, audio_encoder_job, fused_teacher_job, measure_jobs, onnx_student_job, ratios, student_job,
                    whisper_encoder_job)
-from .data import load_audio_dataset, make_eval_batches
-from .export import export_checkpoint
+from ..data.loader import load_audio_dataset, make_eval_batches
 # The format_* helpers are re-exported here: `evaluate` and its tables are one surface for the CLI.
 from .plots import format_checkpoint, format_cost, format_probes, format_report, format_similarity, plot_layer_similarity, plot_probe_scores
-from .probe import ProbeTask, hf_encoder_extractor, is_missing, onnx_extractor, run_probes, teacher_extractor
-from .validation import read_eval_log
+from .extractors import hf_encoder_extractor, onnx_extractor, teacher_extractor
+from .probe import run_probes
+from .target import EvalTarget, load_target
+from .tasks import ProbeTask, is_missing
 
 __all__ = [
     "EvalTarget", "load_target", "evaluate", "prediction_similarity", "probe_all", "cost_all",
     "format_similarity", "format_probes", "format_cost", "format_checkpoint", "format_report",
-    "STUDENT", "TEACHER", "STUDENT_ONNX_INT8", "STUDENT_ONNX_FP32", "DEFAULT_PROBE_TASKS", "CHECKPOINT_CHOICES",
+    "STUDENT", "TEACHER", "STUDENT_ONNX_INT8", "STUDENT_ONNX_FP32", "DEFAULT_PROBE_TASKS",
 ]
 
 logger = logging.getLogger(__name__)
@@ -76,128 +73,6 @@ STUDENT_ONNX_INT8, STUDENT_ONNX_FP32 = "student (ONNX int8)", "student (ONNX fp3
 DEFAULT_PROBE_TASKS = ("ctc:text", "classification:label")
 PLOT_NAME, JSON_NAME = "layer_similarity.png", "eval.json"
 PROBE_PLOT_NAME = "probe_scores.png"
-CHECKPOINT_CHOICES = ("best", "latest")  # which checkpoint of a run folder is scored
-
-
-@dataclass
-class EvalTarget:
-    """What is evaluated, resolved from a run folder or an exported student folder.
-
-    kind: "run" or "student"; encoder: the stock HF encoder (what ships); normalize: whether it
-    expects zero-mean unit-variance audio (None: its folder's preprocessor_config.json decides,
-    as distill.probe.hf_encoder_extractor reads it); student: encoder +
-    heads (runs only); teacher and data: None when neither the run nor the caller names them;
-    source: the checkpoint or folder the weights came from; checkpoint (runs only): which
-    checkpoint that is and why, as eval.json records it (see `_run_checkpoint`).
-    """
-
-    kind: str
-    path: Path
-    encoder: PreTrainedModel
-    normalize: bool | None
-    source: Path
-    student: DistillStudent | None = None
-    teacher: FusedTeacher | None = None
-    data: DataConfig | None = None
-    # ONNX graphs of an exported folder (students.onnx), by precision: "fp32", "int8".
-    onnx: dict[str, Path] = dataclasses.field(default_factory=dict)
-    checkpoint: dict[str, Any] | None = None
-
-
-def load_target(
-    target: str | Path, teacher: str | Path | None = None, data: str | None = None, overrides: Sequence[str] = (),
-    checkpoint: str | None = None,
-) -> EvalTarget:
-    """A run folder (recipe.yaml) or an exported student folder (config.json) -> EvalTarget.
-
-    `teacher` replaces the run's saved teacher (a FusedTeacher.save_pretrained folder); `data`
-    replaces data.dataset_name; `overrides` are dotted recipe overrides (data.eval_split_name=dev).
-    `checkpoint` (run folders only): "best" (default: the checkpoint the exported student came
-    from) or "latest" (the newest). An exported folder inside a run (RUN/student) takes the run's
-    recipe and teacher.
-    """
-    path = Path(target)
-    if checkpoint is not None and checkpoint not in CHECKPOINT_CHOICES:
-        raise ValueError(f"checkpoint {checkpoint!r}: expected one of {', '.join(CHECKPOINT_CHOICES)}")
-    if (path / "recipe.yaml").is_file():
-        cfg = load_recipe(path / "recipe.yaml", list(overrides))
-        fused = FusedTeacher.from_pretrained(teacher or path / "teacher")
-        # The checkpoint overwrites every weight, and a --teacher with other upstreams could not
-        # give the initial copy anyway.
-        cfg.student.init_from_upstream = None
-        student = build_distill_student(cfg, fused)
-        source, record = _run_checkpoint(cfg, path, checkpoint or "best")
-        logger.info("%s", format_checkpoint(record))
-        _load_strict(student, source / "model.safetensors", fused)
-        student.eval()
-        cfg.data.dataset_name = data or cfg.data.dataset_name
-        return EvalTarget("run", path, student.encoder, True, source, student, fused, cfg.data, checkpoint=record)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: neither a training run (recipe.yaml) nor an exported student (config.json)")
-    if checkpoint is not None:
-        raise ValueError(f"{path}: an exported student has no checkpoints to choose from; "
-                         f"--checkpoint applies to a run folder (e.g. {path.parent})")
-    from transformers import AutoModel
-
-    encoder = AutoModel.from_pretrained(path).eval()
-    run = path.parent if (path.parent / "recipe.yaml").is_file() else None
-    if run is not None:
-        data_cfg = load_recipe(run / "recipe.yaml", list(overrides)).data
-        data_cfg.dataset_name = data or data_cfg.dataset_name
-        teacher = teacher or (run / "teacher" if (run / "teacher").is_dir() else None)
-    else:
-        data_cfg = _bare_data_config(data, overrides)
-    fused = FusedTeacher.from_pretrained(teacher) if teacher else None
-    graphs = {precision: path / name for precision, name in (("fp32", ONNX_FILE), ("int8", INT8_FILE)) if (path / name).is_file()}
-    return EvalTarget("student", path, encoder, None, path, None, fused, data_cfg, graphs)
-
-
-def _run_checkpoint(cfg, run: Path, which: str) -> tuple[Path, dict[str, Any]]:
-    """The checkpoint folder to score and its record for eval.json.
-
-    "best" is what `export` reads (`export_checkpoint`), so the scores are those of the exported
-    student: the best eval checkpoint when the run recorded one and training.load_best_at_end is
-    not false, else the newest. "latest" is the newest intact one. The record: path, step,
-    requested, picked ("best" when it is the run's best eval checkpoint, else "latest"), why
-    (the reason for "latest"), best_step (None without evaluation while training), newest_step.
-    """
-    source = export_checkpoint(cfg, run) if which == "best" else find_checkpoint(run, "latest")
-    best, newest = read_best(run), list_checkpoints(run)
-    picked = "best" if best is not None and source.name == best["checkpoint"] else "latest"
-    if picked == "best":
-        why = "the best eval checkpoint"
-    elif best is None:
-        why = "the run recorded no best eval checkpoint"
-    elif which == "latest":
-        why = "asked for"
-    elif cfg.training.load_best_at_end is False:
-        why = "training.load_best_at_end is false"
-    else:
-        why = f"the best eval checkpoint {best['checkpoint']} is gone"
-    return source, {
-        "path": str(source), "step": checkpoint_info(source)["step"], "requested": which, "picked": picked,
-        "why": why, "best_step": best["step"] if best is not None else None,
-        "newest_step": checkpoint_info(newest[-1])["step"] if newest else None,
-    }
-
-
-def _load_strict(student: DistillStudent, weights_path: Path, teacher: FusedTeacher) -> None:
-    hint = (
-        f" with heads for {len(teacher.target_layer_ids)} targets of width {teacher.target_dim}"
-        " (a --teacher must have the run's target layers and width)"
-    )
-    load_weights_strict(student, load_file(str(weights_path)), str(weights_path), hint)
-
-
-def _bare_data_config(data: str | None, overrides: Sequence[str]) -> DataConfig | None:
-    if data is None:
-        return None
-    other = [o for o in overrides if not o.startswith("data.")]
-    if other:
-        raise ValueError(f"overrides {other}: without a recipe only data.* keys apply")
-    merged = OmegaConf.merge(OmegaConf.structured(DataConfig(dataset_name=data)),
-                             OmegaConf.from_dotlist([o[len("data."):] for o in overrides]))
-    return OmegaConf.to_object(merged)  # type: ignore[return-value]
 
 
 # ----------------------------------------------------------------------------- the three parts

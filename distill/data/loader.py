@@ -1,7 +1,7 @@
 """Speech data for distillation: rows `{"id", "audio", text?, label?}` -> padding-free batches.
 
-`load_audio_dataset` (distill/sources.py, re-exported here) loads a hub dataset, an audio folder
-or a manifest; audio is decoded with soundfile + soxr in the loader workers (distill/audio.py).
+`load_audio_dataset` (distill/data/sources.py, re-exported here) loads a hub dataset, an audio folder
+or a manifest; audio is decoded with soundfile + soxr in the loader workers (distill/data/audio.py).
 
 Training batches hold no padding (group-norm teachers change under zero padding even with an
 attention mask): utterances are length-bucketed and every batch is cropped to one common length
@@ -22,7 +22,7 @@ from datasets.distributed import split_dataset_by_node
 from torch.utils.data import BatchSampler, DataLoader, Sampler
 
 from .audio import RECEPTIVE_FIELD, BadAudio, SkipCounter, crop_batch, crop_length, decode_audio, header_durations
-from .config import DataConfig
+from ..config import DataConfig
 from .sources import AnyDataset, DataError, load_audio_dataset
 
 __all__ = [

@@ -27,8 +27,9 @@ from typing import Optional
 import torch
 from accelerate import Accelerator
 
-from .checkpoint import CHECKPOINT_PREFIX, CheckpointError, list_checkpoints, mark_diverged, save_checkpoint
-from .config import RecipeConfig
+from ..config import RecipeConfig
+from ..runs import CheckpointError, checkpoint_dir, list_checkpoints
+from .checkpoint import mark_diverged, save_checkpoint
 
 __all__ = [
     "StopSignals", "Preempted", "TrainingDiverged", "StepHealth", "EXIT_CODES", "errno_name", "check_writable",
@@ -158,7 +159,7 @@ def preempt(accelerator: Accelerator, out: Path, state, skipped, cfg: RecipeConf
     """
     progress.close()
     state.skipped = skipped.counts
-    written = out / f"{CHECKPOINT_PREFIX}{state.step}" if saved else None
+    written = checkpoint_dir(out, state.step) if saved else None
     if written is None:
         written = save_checkpoint(accelerator, out, state.step, cfg.training.save_total_limit, cfg, student)
     accelerator.end_training()
