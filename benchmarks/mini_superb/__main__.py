@@ -7,8 +7,9 @@
 
 Stages (each reuses what a previous run left, keyed by config hashes): synthesise the corpus with
 espeak-ng; train the upstreams (default: phoneme CTC HuBERT, speaker-ID WavLM) and save them like
-hub models, or write a real pretrained one (real.yaml: Whisper tiny.en, benchmarks/pretrained_whisper.py); distil one student from the fused teacher and one from each upstream through
-`fusion-distill train`; fit a supervised projection with `fusion-distill fit-teacher`; probe every
+hub models, or write a real pretrained one (real.yaml: Whisper tiny.en via
+benchmarks/pretrained_whisper.py); distil one student from the fused teacher and one from each
+upstream through `fusion-distill train`; fit a supervised projection with `fusion-distill fit-teacher`; probe every
 upstream, fused view and student on four tasks with one budget; fine-tune students end to end with
 stock `AutoModelForCTC`; cost everything on 10 s of audio. Writes OUT/results.json, results.md,
 results.png and prints PASS/FAIL for the three criteria (report.py).
