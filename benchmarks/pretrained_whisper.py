@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import io
 import re
 import struct
 from dataclasses import dataclass
@@ -82,8 +83,6 @@ def read_ctranslate2(path: str | Path | list[Path]) -> tuple[str, dict[str, np.n
     parts = [Path(p) for p in (path if isinstance(path, list) else [path])]
     data = b"".join(p.read_bytes() for p in parts)
     where = str(parts[0]) + (f" (+{len(parts) - 1} parts)" if len(parts) > 1 else "")
-    import io
-
     fh = io.BytesIO(data)
     (version,) = struct.unpack("<I", fh.read(4))
     if version != 6:

@@ -103,8 +103,7 @@ class FusedTeacher(nn.Module):
         position_reference: str = "none",
     ):
         super().__init__()
-        if position_reference not in CHOICES["position_reference"]:
-            raise ValueError(f"FusedTeacher: position_reference={position_reference!r}, expected one of none, silence")
+        _check_settings(fusion, projection_fit, target_mode, include_interface_output, projection_balance, position_reference)
         # silence: Whisper upstreams subtract their silent-window response (WhisperUpstream), so
         # targets do not depend on where an utterance sits in the 30 s window; others have no
         # absolute positions and are unchanged.
@@ -112,7 +111,6 @@ class FusedTeacher(nn.Module):
         for upstream in upstreams:
             if isinstance(upstream, WhisperUpstream):
                 upstream.subtract_silence = position_reference == "silence"
-        _check_settings(fusion, projection_fit, target_mode, include_interface_output, projection_balance)
         self.upstreams = nn.ModuleList(upstreams)
         self.specs = [canonical_spec(s) for s in specs] if specs is not None else [u.name for u in upstreams]
         self.dims = [u.hidden_size for u in upstreams]
@@ -169,7 +167,8 @@ class FusedTeacher(nn.Module):
         dtype = resolve_dtype(settings.pop("dtype"))
         # Fail on a bad recipe before spending minutes loading upstreams.
         _check_settings(settings["fusion"], settings["projection_fit"], settings["target_mode"],
-                        settings["include_interface_output"], settings["projection_balance"])
+                        settings["include_interface_output"], settings["projection_balance"],
+                        settings["position_reference"])
         upstreams = _load_upstreams(cfg["upstreams"], dtype, progress)
         teacher = cls(upstreams, specs=cfg["upstreams"], **settings)
         if pretrained:
@@ -377,9 +376,9 @@ def _short(name: str) -> str:
 
 
 def _check_settings(fusion: str, projection_fit: str, target_mode: str, include_interface_output: bool,
-                    projection_balance: str = "none") -> None:
+                    projection_balance: str = "none", position_reference: str = "none") -> None:
     settings = dict(fusion=fusion, projection_fit=projection_fit, target_mode=target_mode,
-                    projection_balance=projection_balance)
+                    projection_balance=projection_balance, position_reference=position_reference)
     for key, value in settings.items():
         if value not in CHOICES[key]:
             raise ValueError(f"FusedTeacher: {key}={value!r}, expected one of {', '.join(CHOICES[key])}")

@@ -195,11 +195,10 @@ def teacher_rows(teacher: FusedTeacher, supervised: Path | None, names: Sequence
     for i, name in enumerate(names):
         rows.append((f"upstream: {name}", "upstream", "weighted_sum", _upstream_features(teacher, i, features),
                      teacher.upstreams[i].model))
-    concat = lambda w, n: features(w, n)  # noqa: E731  (the aligned, normalised concatenation)
     projected = lambda w, n: _projected(teacher, *features(w, n))  # noqa: E731
-    rows += [
-        ("fused: concat + WS", "fused", "weighted_sum", concat, teacher),
-        ("fused: concat + HConv", "fused", "hconv", concat, teacher),
+    rows += [  # `features`: the aligned, normalised concatenation
+        ("fused: concat + WS", "fused", "weighted_sum", features, teacher),
+        ("fused: concat + HConv", "fused", "hconv", features, teacher),
         ("fused teacher: CHConv-PCA", "fused", "weighted_sum", projected, teacher),
         ("fused: CHConv-PCA + HConv", "fused", "hconv", projected, teacher),
     ]

@@ -37,11 +37,7 @@ def hf_encoder_extractor(model: nn.Module, normalize: Optional[bool] = None) -> 
         if wants_norm:
             waveforms = normalize_waveforms(waveforms, lengths)[0]
         states = _run_unpadded(model, [waveforms[b, : int(n)] for b, n in enumerate(lengths.tolist())])
-        frames = torch.tensor([s.shape[1] for s in states], dtype=torch.long)
-        out = states[0].new_zeros(states[0].shape[0], len(states), int(frames.max()), states[0].shape[-1])
-        for b, s in enumerate(states):
-            out[:, b, : s.shape[1]] = s
-        return out, frames
+        return _stack_padded(states)
 
     return extract
 
@@ -70,13 +66,18 @@ def onnx_extractor(model: Union[str, "os.PathLike[str]", Any], normalize: bool =
         for b, n in enumerate(lengths.tolist()):
             outputs = run_onnx(session, waveforms[b: b + 1, : int(n)].float().cpu())
             states.append(torch.stack([torch.from_numpy(outputs[name][0]) for name in names]))  # (L + 1, T, D)
-        frames = torch.tensor([s.shape[1] for s in states], dtype=torch.long)
-        out = states[0].new_zeros(states[0].shape[0], len(states), int(frames.max()), states[0].shape[-1])
-        for b, s in enumerate(states):
-            out[:, b, : s.shape[1]] = s
-        return out, frames
+        return _stack_padded(states)
 
     return extract
+
+
+def _stack_padded(states: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-item hidden states (L + 1, T_b, D) -> zero-padded (L + 1, B, T, D) and frame lengths (B,)."""
+    frames = torch.tensor([s.shape[1] for s in states], dtype=torch.long)
+    out = states[0].new_zeros(states[0].shape[0], len(states), int(frames.max()), states[0].shape[-1])
+    for b, s in enumerate(states):
+        out[:, b, : s.shape[1]] = s
+    return out, frames
 
 
 def teacher_extractor(teacher: FusedTeacher, project: bool = True) -> Extractor:
