@@ -238,6 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-frames", type=int, default=20000, help="frames sampled for CKA and ridge (at most 1 GB)")
     p.add_argument("--out", help="report folder (default: training.output_dir/complementarity)")
     p.set_defaults(func=_cmd_compare_upstreams)
+    # On every subcommand, never in a recipe: a recipe must not opt itself into running code.
+    for p in sub.choices.values():
+        p.add_argument("--trust-upstream-code", action="store_true",
+                       help="allow upstream specs {code: 'pkg.module:factory'} that import and run your Python code")
     return parser
 
 
@@ -254,6 +258,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:  # Accelerate logs every file of every checkpoint at INFO
         logging.getLogger("accelerate").setLevel(logging.WARNING)
+    if args.trust_upstream_code:
+        from teachers import trust_upstream_code
+
+        trust_upstream_code()
     try:
         args.func(args)
     except (ValueError, OSError) as err:  # FileNotFoundError is an OSError

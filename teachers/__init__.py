@@ -1,6 +1,7 @@
 """Teachers: frozen upstream speech encoders, their alignment and fusion into distillation targets."""
 
 from .align import align_frames, align_layers, wav2vec_num_frames
+from .custom import trust_upstream_code
 from .fused import CONFIG_NAME, FusedTeacher, TeacherOutput, canonical_spec, read_saved_config
 from .inputs import frame_mask
 from .interfaces import AddHConv, CHConv, HConv, WeightedSum
@@ -25,4 +26,5 @@ __all__ = [
     "CONFIG_NAME",
     "TeacherOutput",
     "describe",
+    "trust_upstream_code",
 ]

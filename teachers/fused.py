@@ -420,6 +420,10 @@ def _load_upstreams(specs: Sequence[Any], dtype: torch.dtype, progress: Optional
 
 
 def _spec_name(spec: Any) -> str:
+    from .custom import is_custom_spec, spec_name
+
+    if is_custom_spec(spec):
+        return spec_name(spec)
     return f"{spec['config'].get('model_type')}(random-init)" if isinstance(spec, dict) and "config" in spec else str(spec)
 
 

@@ -312,12 +312,21 @@ class WhisperUpstream(Upstream):
 
 def load_upstream(spec: UpstreamSpec, dtype: Union[str, torch.dtype] = torch.float32,
                   subtract_silence: bool = False) -> Upstream:
-    """Load a frozen upstream from a hub id, a local folder, or `{"config": {model_type, ...}}`.
+    """Load a frozen upstream from a hub id, a local folder, `{"config": {model_type, ...}}`, or a
+    custom spec (`{"builtin": "ge2e"}`, `{"code": "pkg.mod:factory"}`: see teachers.custom).
 
     A config spec builds a random-init model under torch seed 0 (for tests and demos).
     subtract_silence: Whisper only (`WhisperUpstream`); other encoders have no absolute positions.
     """
     dtype = resolve_dtype(dtype)
+    from .custom import is_custom_spec, load_custom_upstream
+
+    if is_custom_spec(spec):
+        return _cast(load_custom_upstream(spec), dtype)
+    if isinstance(spec, (str, Path)) and _folder_model_type(spec) == "ge2e":
+        from .ge2e import GE2EUpstream, load_ge2e
+
+        return _cast(GE2EUpstream(load_ge2e(spec), str(spec)), dtype)
     if isinstance(spec, dict):
         model, name, source = _from_config(spec), _config_name(spec), None
     elif isinstance(spec, (str, Path)):
@@ -330,6 +339,22 @@ def load_upstream(spec: UpstreamSpec, dtype: Union[str, torch.dtype] = torch.flo
     if not hasattr(model, "feature_extractor") or not hasattr(model, "_get_feat_extract_output_lengths"):
         raise ValueError(f"upstream {name}: {type(model).__name__} has no conv feature_extractor; supported: {_SUPPORTED}")
     return Wav2VecUpstream(model, name, _wants_normalised(model.config, source))
+
+
+def _cast(upstream: Upstream, dtype: torch.dtype) -> Upstream:
+    upstream.model.to(dtype)
+    return upstream
+
+
+def _folder_model_type(spec: Union[str, Path]) -> Optional[str]:
+    """model_type of a local folder's config.json, without transformers (which refuses unknown types)."""
+    import json
+
+    path = Path(spec) / "config.json"
+    try:
+        return json.loads(path.read_text()).get("model_type") if path.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _config_name(spec: dict) -> str:

@@ -28,7 +28,8 @@ from transformers import AutoModel, AutoModelForCTC, Wav2Vec2FeatureExtractor, g
 
 from distill.build import single_upstream_teacher
 from distill.config import DataConfig, load_recipe
-from distill.evaluation.cost import audio_encoder_job, fused_teacher_job, measure_jobs, student_job, whisper_encoder_job
+from distill.evaluation.cost import (audio_encoder_job, fused_teacher_job, measure_jobs, student_job, upstream_job,
+                                     whisper_encoder_job)
 from distill.data.loader import load_audio_dataset, make_eval_batches
 from distill.evaluation.metrics import ctc_greedy, error_rate
 from distill.evaluation.extractors import hf_encoder_extractor, teacher_extractor
@@ -193,8 +194,9 @@ def teacher_rows(teacher: FusedTeacher, supervised: Path | None, names: Sequence
     """
     rows, features = [], _shared_features(teacher)
     for i, name in enumerate(names):
+        upstream = teacher.upstreams[i]  # costed as its transformers model, else end to end
         rows.append((f"upstream: {name}", "upstream", "weighted_sum", _upstream_features(teacher, i, features),
-                     teacher.upstreams[i].model))
+                     upstream.model if hasattr(upstream.model, "config") else upstream))
     projected = lambda w, n: _projected(teacher, *features(w, n))  # noqa: E731
     rows += [  # `features`: the aligned, normalised concatenation
         ("fused: concat + WS", "fused", "weighted_sum", features, teacher),
@@ -338,7 +340,9 @@ def latency(models: dict[str, tuple[str, torch.nn.Module]], seconds: float = 10.
     builders = {"student": student_job, "upstream": audio_encoder_job, "fused": fused_teacher_job}
     jobs = []
     for name, (kind, module) in models.items():
-        if kind == "upstream" and getattr(module.config, "model_type", None) == "whisper":
+        if kind == "upstream" and not hasattr(module, "config"):  # GE2E or another non-transformers upstream
+            jobs.append(upstream_job(name, module, wave))
+        elif kind == "upstream" and getattr(module.config, "model_type", None) == "whisper":
             # Its real cost: the 30 s window it must run whatever the audio's length, log-mel included.
             jobs.append(whisper_encoder_job(name, module, wave, include_log_mel=True))
         else:

@@ -228,6 +228,12 @@ def whisper_encoder_job(name: str, model: nn.Module, wave: torch.Tensor, include
     return CostJob(name, lambda: encoder(mel), encoder, note)
 
 
+def upstream_job(name: str, upstream: nn.Module, wave: torch.Tensor) -> CostJob:
+    """An upstream that is not a transformers model (GE2E, a user's encoder): the whole
+    `Upstream([wave])` call, its own front-end included."""
+    return CostJob(name, lambda: upstream([wave]), upstream.model, "Upstream end to end, front-end incl.")
+
+
 def fused_teacher_job(name: str, teacher: nn.Module, wave: torch.Tensor) -> CostJob:
     """A fitted FusedTeacher's `targets([wave])`: every upstream (Whisper with its log-mel and
     window), alignment, normalisation, projection and, when enabled, the interface output.

@@ -51,7 +51,7 @@ from ..config import DataConfig
 from ..data.audio import RECEPTIVE_FIELD
 from ..runs import read_eval_log
 from .cost import (Cost, audio_encoder_job, fused_teacher_job, measure_jobs, onnx_student_job, ratios, student_job,
-                   whisper_encoder_job)
+                   upstream_job, whisper_encoder_job)
 from ..data.loader import load_audio_dataset, make_eval_batches
 # The format_* helpers are re-exported here: `evaluate` and its tables are one surface for the CLI.
 from .plots import format_checkpoint, format_cost, format_probes, format_report, format_similarity, plot_layer_similarity, plot_probe_scores
@@ -206,8 +206,12 @@ def cost_all(target: EvalTarget, seconds: float = 10.0, repeats: int = 3, thread
         if teacher is not None:
             jobs.append(fused_teacher_job(TEACHER, teacher, wave))
             for name, upstream in zip(upstream_names(teacher), teacher.upstreams):
-                job = whisper_encoder_job if upstream.model_type == "whisper" else audio_encoder_job
-                jobs.append(job(name, upstream.model, wave))
+                if upstream.model_type == "whisper":
+                    jobs.append(whisper_encoder_job(name, upstream.model, wave))
+                elif hasattr(upstream.model, "config"):  # a transformers wav2vec-family model
+                    jobs.append(audio_encoder_job(name, upstream.model, wave))
+                else:
+                    jobs.append(upstream_job(name, upstream, wave))
         return measure_jobs(jobs, repeats=repeats, threads=threads)
 
 
