@@ -29,7 +29,7 @@ import torch
 
 from .attempts import run_attempts
 from .config import BenchmarkConfig, config_hash, load_config
-from .corpus import build_corpus
+from .corpus import build_corpus, corpus_identity
 from .recipes import recipe, write_recipe
 from .report import criteria, markdown, mean_value, plot
 from .sweep import run_sweep
@@ -47,7 +47,7 @@ def teachers(cfg: BenchmarkConfig) -> tuple[str, ...]:
 def prepare(cfg: BenchmarkConfig, cache_dir: Path) -> tuple[Path, dict, dict, dict[str, list[Path]]]:
     """The corpus and the upstreams (trained here or real pretrained weights; built once, cached
     by config hash); the upstream folders each student's teacher uses."""
-    corpus = cache_dir / f"corpus-{config_hash(cfg.corpus)}"
+    corpus = cache_dir / f"corpus-{config_hash(corpus_identity(cfg.corpus))}"
     corpus_info = build_corpus(cfg.corpus, corpus)
     folders = {n: upstream_folder(cache_dir / "upstreams", n, u, corpus_info["hash"]) for n, u in cfg.upstreams.items()}
     reports = {n: pretrained_upstream(n, u, folders[n]) if u.pretrained else train_upstream(n, u, corpus, folders[n])

@@ -47,12 +47,17 @@ class CorpusConfig:
     test: int = 240
     min_seconds: float = 1.0
     max_seconds: float = 5.0
+    # Per utterance, a speaker's base pitch moves by up to +-pitch_jitter and the style's speed by
+    # up to +-speed_jitter (a fraction): identity is then the voice, not one pitch and rate.
+    pitch_jitter: int = 0
+    speed_jitter: float = 0.0
 
 
 @dataclass
 class UpstreamConfig:
     """A tiny transformers encoder trained on one task and saved with save_pretrained, or a real
-    pretrained model (`pretrained`: a name of benchmarks.pretrained_whisper.KNOWN_MODELS)."""
+    pretrained model (`pretrained`: a name of benchmarks.pretrained_whisper.KNOWN_MODELS, or `ge2e`:
+    the speaker encoder PyPI resemblyzer ships)."""
 
     arch: str = ""  # hubert | wavlm | wav2vec2 (trained upstreams)
     task: str = ""  # ctc:COLUMN | classification:COLUMN (trained upstreams)

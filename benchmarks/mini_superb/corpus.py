@@ -1,7 +1,8 @@
 """Synthesise the benchmark corpus with espeak-ng: four labelled tasks on the same audio.
 
 Every utterance is one sentence of random words of one language, spoken by one speaker (voice
-variant + base pitch) in one style (speed, pitch range, amplitude). Labels, all in metadata.csv
+variant + base pitch) in one style (speed, pitch range, amplitude); with `pitch_jitter` /
+`speed_jitter` the pitch and speed also vary per utterance around the speaker's and style's. Labels, all in metadata.csv
 beside the audio, in the layout the project's data layer reads (`data.dataset_name=DIR`):
 
 - `phonemes`: espeak-ng's IPA for the sentence in that language (`-x --ipa`), for CTC / PER;
@@ -85,8 +86,12 @@ def plan(cfg: CorpusConfig) -> list[dict]:
                 if (lang, text) not in seen:
                     seen.add((lang, text))
                     break
-            rows.append({"file_name": f"audio/{split}/{split}{i:05d}.flac", "split": split, "text": text,
-                         "speaker": speakers[spk], "language": lang, "style": style, "_speaker_index": spk})
+            row = {"file_name": f"audio/{split}/{split}{i:05d}.flac", "split": split, "text": text,
+                   "speaker": speakers[spk], "language": lang, "style": style, "_speaker_index": spk}
+            if cfg.pitch_jitter or cfg.speed_jitter:  # drawn only when asked: older corpora stay byte-identical
+                row["_pitch_shift"] = int(rng.integers(-cfg.pitch_jitter, cfg.pitch_jitter + 1))
+                row["_speed_factor"] = float(1 + rng.uniform(-cfg.speed_jitter, cfg.speed_jitter))
+            rows.append(row)
     return rows
 
 
@@ -96,7 +101,9 @@ def _synthesise(row: dict, cfg: CorpusConfig, out: Path, workdir: Path) -> dict:
     voice = f"{row['language']}+{speaker.variant}"
     wav = workdir / (Path(row["file_name"]).stem + ".wav")
     ssml = f'<speak><prosody range="{style.range}">{row["text"]}</prosody></speak>'
-    subprocess.run(["espeak-ng", "-m", "-v", voice, "-p", str(speaker.pitch), "-s", str(style.speed),
+    pitch = min(99, max(0, speaker.pitch + row.get("_pitch_shift", 0)))
+    speed = round(style.speed * row.get("_speed_factor", 1.0))
+    subprocess.run(["espeak-ng", "-m", "-v", voice, "-p", str(pitch), "-s", str(speed),
                     "-a", str(style.amplitude), "-w", str(wav), ssml], check=True, capture_output=True)
     audio, rate = sf.read(wav, dtype="float32", always_2d=True)
     wav.unlink()
@@ -110,10 +117,16 @@ def _synthesise(row: dict, cfg: CorpusConfig, out: Path, workdir: Path) -> dict:
     return {**row, "phonemes": " ".join(ipa.split()), "seconds": len(wave) / SAMPLING_RATE}
 
 
+def corpus_identity(cfg: CorpusConfig) -> dict:
+    """The config fields a corpus depends on; jitter only when used, so corpora made before it
+    existed keep their hash (and their cached upstreams)."""
+    return {k: v for k, v in asdict(cfg).items() if not (k in ("pitch_jitter", "speed_jitter") and not v)}
+
+
 def build_corpus(cfg: CorpusConfig, out: Path, workers: int = 2) -> dict:
     """Write the corpus to `out` (skipped when `out` already holds this config's corpus)."""
     out = Path(out)
-    digest = config_hash(asdict(cfg) | {"words": {lang: read_words(lang) for lang in cfg.languages}})
+    digest = config_hash(corpus_identity(cfg) | {"words": {lang: read_words(lang) for lang in cfg.languages}})
     done = out / DONE
     if done.exists() and json.loads(done.read_text()).get("hash") == digest:
         logger.info("corpus %s is up to date (config %s)", out, digest)

@@ -86,6 +86,14 @@ def distil(recipe: Path, run_dir: Path, targets: Path | None = None, elsewhere: 
         if not (targets / "manifest.json").exists() or not (targets / "teacher").exists():
             cli("cache-targets", str(recipe), "--out", str(targets), log=targets.with_suffix(".log"))
         overrides = [f"data.targets_cache={targets}"]
+        if OmegaConf.load(recipe).training.get("eval_steps"):
+            # The held-out eval's targets too, by the same saved teacher: without them every
+            # evaluation runs the teacher (Whisper's 30 s window) over the dev split again.
+            dev = targets.with_name(f"{targets.name}-dev")
+            if not (dev / "manifest.json").exists():
+                cli("cache-targets", str(recipe), "--out", str(dev), "--split", "dev", "--teacher", str(targets / "teacher"),
+                    log=dev.with_suffix(".log"))
+            overrides.append(f"data.eval_targets_cache={dev}")
     cli("train", str(recipe), *overrides, "--output-dir", str(run_dir), log=run_dir.with_suffix(".log"))
     return student
 

@@ -37,6 +37,7 @@ from .config import UpstreamConfig, config_hash
 logger = logging.getLogger(__name__)
 
 DONE = "training.json"
+GE2E = "ge2e"  # `pretrained: ge2e`: the speaker encoder PyPI resemblyzer ships (teachers/ge2e.py)
 
 
 def read_split(corpus: Path, split: str) -> list[dict]:
@@ -70,6 +71,8 @@ def upstream_folder(cache_dir: Path, name: str, cfg: UpstreamConfig, corpus_hash
 
 def pretrained_upstream(name: str, cfg: UpstreamConfig, folder: Path) -> dict:
     """Write (or reuse) the folder of a real pretrained upstream; returns its report."""
+    if cfg.pretrained == GE2E:
+        return _ge2e_upstream(name, folder)
     from benchmarks.pretrained_whisper import KNOWN_MODELS, write_whisper_folder
 
     if not (folder / "model.safetensors").exists():
@@ -78,6 +81,16 @@ def pretrained_upstream(name: str, cfg: UpstreamConfig, folder: Path) -> dict:
     params = AutoConfig.from_pretrained(folder)
     return {"pretrained": cfg.pretrained, "hub_id": KNOWN_MODELS[cfg.pretrained].hub_id,
             "encoder_layers": params.encoder_layers, "d_model": params.d_model}
+
+
+def _ge2e_upstream(name: str, folder: Path) -> dict:
+    """resemblyzer's GE2E speaker encoder, converted once to a safetensors folder."""
+    from teachers.ge2e import WIDTH, LAYERS, save_ge2e
+
+    if not (folder / "model.safetensors").exists():
+        save_ge2e(folder)
+        logger.info("upstream %s: real GE2E weights (resemblyzer) written to %s", name, folder)
+    return {"pretrained": GE2E, "source": "PyPI resemblyzer 0.1.4 (pretrained.pt)", "layers": LAYERS, "width": WIDTH}
 
 
 def train_upstream(name: str, cfg: UpstreamConfig, corpus: Path, folder: Path, seed: int = 0) -> dict:
