@@ -3,7 +3,9 @@ toy extractors whose features carry speaker identity perfectly (EER ~0) or not a
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -171,3 +173,84 @@ def test_probe_refuses_too_few_unseen_speakers_and_keeps_other_rows_unchanged():
         run_probes(_extract, train, test, [task], steps=2)
     plain = ProbeResult("accuracy", 0.5, 0.1, 2, 3, 4)
     assert "trials" not in plain.to_dict() and "one_minus_eer" not in plain.to_dict()
+
+
+# --------------------------------------------------------------------------- consumers
+
+
+def _section(result: ProbeResult) -> dict:
+    row = {"model": "student", **result.to_dict()}
+    return {"budget": {"interface": "weighted_sum", "steps": 2, "learning_rate": 1e-3, "seed": 0},
+            "train_utterances": 48, "dev_utterances": 36,
+            "tasks": {"verification:speaker": {"metric": "eer", "lower_is_better": True,
+                                               "missing": {"train": 0, "dev": 0}, "rows": [row]}}}
+
+
+def test_report_table_and_plot_name_the_metric_and_trials(tmp_path):
+    from distill.evaluation.plots import format_probes, plot_probe_scores
+
+    result = ProbeResult("eer", 0.125, 0.3, 2, 48, 36, seen_speakers=6, unseen_speakers=6, trials=630, target_trials=90)
+    table = format_probes(_section(result))
+    assert "verification:speaker (eer, lower is better)" in table and "| student | 0.1250 |" in table
+    assert "6 seen speakers" in table and "630 trials (90 same-speaker) of 6 unseen speakers" in table
+    assert "1 - EER" in table
+    pytest.importorskip("matplotlib")
+    assert plot_probe_scores(_section(result), tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_evaluate_probes_verification_on_the_demo_voices(tmp_path):
+    """The CLI path: a bare HF student folder, the demo corpus's 4 voices (`label`): sorted, every
+    other one unseen -> 2 seen (16 train utterances), 2 unseen (4 dev utterances, 6 trials)."""
+    from transformers import AutoConfig, AutoModel
+
+    from conftest import TINY_CONFIGS
+    from distill.cli import main as cli_main
+
+    cfg = dict(TINY_CONFIGS["hubert"])
+    torch.manual_seed(0)
+    AutoModel.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg)).save_pretrained(tmp_path / "student")
+    demo = str(Path(__file__).resolve().parents[1] / "data" / "demo")
+    code = cli_main(["evaluate", str(tmp_path / "student"), "data.eval_split_name=dev", "--data", demo,
+                     "--probe-task", "verification:label", "--probe-steps", "2", "--max-items", "0", "--no-cost",
+                     "--out-dir", str(tmp_path / "eval")])
+    assert code in (0, None)
+    saved = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    task = saved["probes"]["tasks"]["verification:label"]
+    assert task["metric"] == "eer" and task["lower_is_better"]
+    row = task["rows"][0]
+    assert (row["seen_speakers"], row["unseen_speakers"], row["num_train"], row["num_dev"]) == (2, 2, 16, 4)
+    assert (row["trials"], row["target_trials"]) == (6, 2) and 0 <= row["score"] <= 1
+    assert row["one_minus_eer"] == pytest.approx(1 - row["score"])
+    # Too few utterances read: too few speakers; skipped with the reason, the other task still runs.
+    from distill.evaluation.suite import evaluate
+
+    out = evaluate(tmp_path / "student", data=demo, overrides=["data.eval_split_name=dev"], cost=False, max_items=2,
+                   probe_tasks=("verification:label", "classification:label"), probe_steps=2, out_dir=tmp_path / "e2")
+    assert "need at least 2 of each" in out["probes"]["tasks"]["verification:label"]["skipped"]
+    assert "rows" in out["probes"]["tasks"]["classification:label"]
+
+
+def test_benchmark_config_scores_and_report_handle_verification():
+    from benchmarks.mini_superb.config import BenchmarkConfigError, load_config
+    from benchmarks.mini_superb.report import FUSED, criteria, markdown
+    from benchmarks.mini_superb.stages import _with_error
+
+    cfg = load_config(overrides=["tasks=[ctc:phonemes, verification:speaker]"])
+    assert cfg.tasks == ["ctc:phonemes", "verification:speaker"]
+    with pytest.raises(BenchmarkConfigError, match=r"tasks: 'verify:speaker', expected KIND:COLUMN .*verification"):
+        load_config(overrides=["tasks=[verify:speaker]"])
+    scored = _with_error(ProbeResult("eer", 0.2, 0.1, 2, 48, 36, seen_speakers=6, unseen_speakers=6, trials=630,
+                                     target_trials=90).to_dict())
+    assert scored["value"] == pytest.approx(0.8) and scored["value_metric"] == "1 - eer"
+
+    def row(name, group, eer):
+        task = _with_error(ProbeResult("eer", eer, 0.1, 2, 48, 36).to_dict())
+        return {"name": name, "group": group, "tasks": {"verification:speaker": task}, "params": 1e6}
+
+    rows = [row("upstream: a", "upstream", 0.3), row("upstream: b", "upstream", 0.4), row(FUSED, "fused", 0.2),
+            row("student of fused teacher", "student", 0.27), row("student of a", "student", 0.35)]
+    verdict, lines, retention = criteria(rows)
+    # Retention of 1 - EER: 0.73 / 0.80 = 91.25%; the lower EER wins (a) and (c).
+    assert retention["verification:speaker"] == pytest.approx(0.9125) and verdict == {"a": True, "b": True, "c": True}
+    assert "ASV (1-EER) 91.2%" in lines[1]
+    assert "| ASV (1-EER) |" in markdown({"rows": rows, "criteria_lines": lines})
