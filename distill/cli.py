@@ -211,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="dataset to evaluate on (replaces data.dataset_name)")
     p.add_argument("--out-dir", help="default: RUN/eval (STUDENT_DIR-eval for an exported folder)")
     p.add_argument("--probe-task", action="append", metavar="KIND:COLUMN",
-                   help="ctc or classification on any dataset column, e.g. classification:speaker ctc:phonemes; "
+                   help="ctc, classification or verification on any dataset column, e.g. classification:speaker "
+                   "ctc:phonemes verification:speaker (speaker verification on unseen speakers, EER); "
                    "repeatable; default: ctc:text and classification:label")
     p.add_argument("--probe-steps", type=int, default=200, help="training steps of every probe head")
     p.add_argument("--max-items", type=int, default=200, help="utterances read per split (0: all)")

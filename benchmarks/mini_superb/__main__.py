@@ -179,10 +179,12 @@ def _card_results(folder: Path, rows: list[dict], finetune: dict, cfg: Benchmark
     results = []
     for task, t in student["tasks"].items():
         kind, _, column = task.partition(":")
-        metric = "per" if t["lower_is_better"] else "accuracy"
+        metric = {"cer": "per"}.get(t["metric"], t["metric"])  # per | accuracy | eer (unseen speakers)
+        head = {"ctc": "linear CTC", "verification": "linear embedding, cosine trials"}.get(kind, "linear")
         results.append(EvalResult(
-            task_type="automatic-speech-recognition" if kind == "ctc" else "audio-classification",
-            task_name=f"{column} probe (frozen encoder, weighted sum + {'linear CTC' if kind == 'ctc' else 'linear'} head)",
+            task_type={"ctc": "automatic-speech-recognition", "verification": "speaker-verification"}.get(
+                kind, "audio-classification"),
+            task_name=f"{column} probe (frozen encoder, weighted sum + {head} head)",
             # dataset_config per task: the hub groups results by task type and dataset, which
             # would merge the three classification tasks into one unnamed entry.
             dataset_type="mini-superb-espeak", dataset_name=f"mini SUPERB ({cfg.name}), test split",

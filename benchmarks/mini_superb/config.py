@@ -18,6 +18,8 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from distill.evaluation.tasks import KINDS as TASK_KINDS  # stdlib only; verification = ASV on unseen speakers (EER)
+
 HERE = Path(__file__).resolve().parent
 DEFAULT_CONFIG = HERE / "default.yaml"
 
@@ -212,6 +214,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise BenchmarkConfigError(f"{path}: upstreams.fused: the name is taken by the fused teacher's student")
     if not cfg.corpus.speakers or not cfg.corpus.styles or not cfg.corpus.languages:
         raise BenchmarkConfigError(f"{path}: corpus.speakers, corpus.styles and corpus.languages must not be empty")
+    for spec in cfg.tasks:  # the probe kinds (distill.evaluation.tasks.KINDS), before hours of stages
+        kind, _, column = spec.partition(":")
+        if kind not in TASK_KINDS or not column:
+            raise BenchmarkConfigError(f"{path}: tasks: {spec!r}, expected KIND:COLUMN with KIND one of {', '.join(TASK_KINDS)}")
     return cfg
 
 

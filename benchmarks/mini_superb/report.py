@@ -12,7 +12,7 @@ logger = logging.getLogger(__name__)
 FUSED = "fused teacher: CHConv-PCA"  # the teacher the fused student is distilled from
 RETENTION = 0.90  # criterion (b): the fused student keeps this share of the teacher, per task
 SHORT = {"ctc:phonemes": "PR (1-PER)", "classification:speaker": "SID", "classification:language": "LID",
-         "classification:style": "style"}
+         "classification:style": "style", "verification:speaker": "ASV (1-EER)"}
 
 
 def mean_value(row: dict) -> float:
@@ -33,7 +33,7 @@ def percent(ratio: float | None) -> str:
 
 def criteria(rows: list[dict]) -> tuple[dict[str, bool], list[str], dict[str, float]]:
     """(a) fused teacher beats every upstream on the mean; (b) the fused student keeps >= 90% of
-    the fused teacher on every task (error rates as 1 - PER); (c) the fused student beats every
+    the fused teacher on every task (error rates as 1 - PER, 1 - EER); (c) the fused student beats every
     single-upstream student on the mean. Returns the verdicts, PASS/FAIL lines, retention."""
     by_name = {r["name"]: r for r in rows}
     fused, student = by_name[FUSED], by_name["student of fused teacher"]
@@ -108,7 +108,7 @@ def plot(result: dict[str, Any], path: Path) -> Path | None:
         errors = [r["tasks"][t]["stderr"] for t in tasks] + [0.0]
         ax.bar([g + i * width for g in range(len(groups))], values, width, yerr=errors, label=r["name"], capsize=2)
     ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], groups)
-    ax.set_ylabel("score (accuracy, or 1 - PER)")
+    ax.set_ylabel("score (accuracy, 1 - PER or 1 - EER)")
     ax.set_ylim(0, 1)
     ax.set_title(f"mini SUPERB ({result['config']['name']}): upstreams, fused teachers, students")
     ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))

@@ -35,6 +35,7 @@ from distill.evaluation.metrics import ctc_greedy, error_rate
 from distill.evaluation.extractors import hf_encoder_extractor, teacher_extractor
 from distill.evaluation.probe import run_probes
 from distill.evaluation.tasks import ProbeTask
+from distill.evaluation.verification import split_speakers
 from distill.runs import read_eval_log
 from teachers import FusedTeacher
 
@@ -153,6 +154,10 @@ def probe_data(cfg: BenchmarkConfig, corpus: Path, min_samples: int) -> tuple[li
     test = list(make_eval_batches(load_audio_dataset(data, "test", columns=columns), data, p.batch_size,
                                   p.test_items, min_samples))
     tasks = [ProbeTask.from_batches(train, *spec.split(":")) for spec in cfg.tasks]
+    for task in tasks:  # too few seen / unseen speakers: refuse now, not after every model is probed
+        if task.kind == "verification":
+            split_speakers([v for b in train for v in task.labels_of(b)], [v for b in test for v in task.labels_of(b)],
+                           f"tasks: {task.name}")
     return train, test, tasks
 
 
@@ -186,12 +191,14 @@ def probe(name: str, extract: Callable, interface: str, data: tuple, cfg: Benchm
 
 
 def _with_error(result: dict) -> dict:
-    """Adds `value` (higher is better: accuracy, or 1 - PER) and its binomial standard error over
-    test utterances (for PER an approximation: symbols within an utterance are not independent)."""
+    """Adds `value` (higher is better: accuracy, 1 - PER or 1 - EER; `value_metric` says which) and
+    its binomial standard error over test utterances (an approximation for PER, whose symbols within
+    an utterance are not independent, and for EER, over the unseen speakers' test utterances)."""
     # An error rate above 1 (more insertions than reference symbols) scores 0, not below.
     value = max(0.0, 1.0 - result["score"]) if result["lower_is_better"] else result["score"]
     n = max(result["num_dev"], 1)
-    return {**result, "value": value, "stderr": math.sqrt(max(value * (1 - value), 0.0) / n)}
+    value_metric = f"1 - {result['metric']}" if result["lower_is_better"] else result["metric"]
+    return {**result, "value": value, "value_metric": value_metric, "stderr": math.sqrt(max(value * (1 - value), 0.0) / n)}
 
 
 def teacher_rows(teacher: FusedTeacher, supervised: Path | None, names: Sequence[str]) -> list[tuple[str, str, str, Callable, Any]]:

@@ -107,7 +107,7 @@ def plot_probe_scores(section: dict[str, Any], path: str | Path, title: str = ""
         ax.set_xticks(positions, models, rotation=30, ha="right", fontsize=8)
         better = "lower" if task["lower_is_better"] else "higher"
         ax.set_title(f"{spec}\n{task['metric']} ({better} is better)", fontsize=9)
-        # Both metrics are rates; a fixed [0, 1] keeps tasks and runs comparable (a CER can exceed 1).
+        # Every metric (accuracy, CER, EER) is a rate; a fixed [0, 1] keeps tasks and runs comparable (a CER can exceed 1).
         ax.set_ylim(0.0, max(1.0, *(row["score"] for row in task["rows"])) * 1.08)
         ax.grid(axis="y", alpha=0.3)
     return _save(fig, path, title)
@@ -135,6 +135,7 @@ def format_probes(section: dict[str, Any]) -> str:
     lines += [f"{spec}: skipped ({task['skipped']})" for spec, task in section["tasks"].items() if "skipped" in task]
     lines += [f"{spec}: {task['missing']['train']} train / {task['missing']['dev']} dev utterances without a value, "
               "left out of this task" for spec, task in done.items() if any(task.get("missing", {}).values())]
+    lines += [_verification_line(spec, task["rows"][0]) for spec, task in done.items() if task["metric"] == "eer"]
     if done:
         heads = [f"{spec} ({task['metric']}, {'lower' if task['lower_is_better'] else 'higher'} is better)"
                  for spec, task in done.items()]
@@ -144,6 +145,13 @@ def format_probes(section: dict[str, Any]) -> str:
         scores = {spec: {row["model"]: row["score"] for row in task["rows"]} for spec, task in done.items()}
         lines += ["| " + " | ".join([m] + [f"{scores[spec][m]:.4f}" for spec in done]) + " |" for m in models]
     return "\n".join(lines)
+
+
+def _verification_line(spec: str, row: dict[str, Any]) -> str:
+    # The EER's meaning depends on the trials: say which speakers and how many pairs.
+    return (f"{spec}: head trained on {row['seen_speakers']} seen speakers ({row['num_train']} utterances); EER over "
+            f"{row['trials']} trials ({row['target_trials']} same-speaker) of {row['unseen_speakers']} unseen speakers' "
+            f"{row['num_dev']} dev utterances; 1 - EER is the higher-is-better score")
 
 
 def format_projection(report: dict[str, Any] | None) -> str:

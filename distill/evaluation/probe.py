@@ -12,6 +12,10 @@ utterance once and trains one interface + head per task on the shared cache.
   symbols; fast); "lstm": a 1-layer BiLSTM in between (SUPERB-ASR-style context; slower on CPUs).
   Greedy decoding; "cer" = total edit distance / total reference symbols (lower is better).
 - Classification: mean over valid frames, Linear; "accuracy".
+- Verification (SUPERB ASV, unseen speakers; verification.py): speakers split into seen and unseen
+  from the labels alone; mean over valid frames, Linear to a `head_dim` embedding, trained with
+  AM-softmax over the SEEN speakers' training utterances; every pair of the UNSEEN speakers' test
+  utterances is a trial scored by cosine; "eer" (lower is better; 1 - EER where higher must win).
 
 Cost: the extractor is frozen, so every utterance is extracted ONCE and its valid frames are cached
 in CPU memory (L x T x D values each, `cache_dtype`). A trainable step between the frozen features
@@ -36,6 +40,7 @@ from teachers import HConv, WeightedSum, frame_mask
 from .extractors import Extractor
 from .metrics import ctc_greedy, error_rate
 from .tasks import ProbeResult, ProbeTask, is_missing
+from .verification import SpeakerSplit, equal_error_rate, score_trials, split_speakers
 
 __all__ = ["run_probe", "run_probes"]
 
@@ -44,6 +49,9 @@ logger = logging.getLogger(__name__)
 Transform = Callable[[torch.Tensor], torch.Tensor]  # (L, B, T, D) -> (L, B, T, D')
 _HEADS = ("linear", "lstm")
 _MAX_GRAD_NORM = 5.0  # CTC has rare loss spikes early on; clipping keeps short budgets stable
+# AM-softmax (Wang et al. 2018; SUPERB ASV's loss): a cosine classifier with an additive margin
+# makes same-speaker embeddings close in angle, which is what cosine scoring of trials reads.
+_AM_SCALE, _AM_MARGIN = 30.0, 0.2
 
 
 # --------------------------------------------------------------------------- heads
@@ -75,6 +83,24 @@ class _PoolHead(nn.Module):
         return self.out((x * mask).sum(dim=1) / lengths.to(x.device, x.dtype).clamp(min=1)[:, None])
 
 
+class _SpeakerHead(nn.Module):
+    """Mean over valid frames, Linear to the embedding; `classes` are the seen speakers' AM-softmax weights."""
+
+    def __init__(self, in_dim: int, embed_dim: int, num_speakers: int):
+        super().__init__()
+        self.embed = nn.Linear(in_dim, embed_dim)
+        self.classes = nn.Parameter(torch.randn(num_speakers, embed_dim) / embed_dim ** 0.5)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        mask = frame_mask(lengths, x.shape[1], x.device)[:, :, None].to(x.dtype)
+        return self.embed((x * mask).sum(dim=1) / lengths.to(x.device, x.dtype).clamp(min=1)[:, None])
+
+    def am_softmax_loss(self, embeddings: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        cosine = F.normalize(embeddings, dim=-1) @ F.normalize(self.classes, dim=-1).T
+        margin = _AM_MARGIN * F.one_hot(targets, cosine.shape[-1]).to(cosine.dtype)
+        return F.cross_entropy(_AM_SCALE * (cosine - margin), targets)
+
+
 # --------------------------------------------------------------------------- the probe
 
 
@@ -82,7 +108,7 @@ class _PoolHead(nn.Module):
 class _Item:
     features: torch.Tensor  # (L, T, D) valid frames, on the CPU
     target: list[int]  # CTC symbol ids, or [class]
-    reference: Any  # what the prediction is scored against: all characters, or the class
+    reference: Any  # what the prediction is scored against: all characters, the class, or the speaker
 
 
 def run_probe(
@@ -161,21 +187,30 @@ def run_probes(
     dev, _ = _cache(extract, dev_batches, tasks, cache_transform, cache_dtype, device)
     results = {}
     for task in tasks:
-        train_items, missing_train = _items(train, task, training=True)
-        dev_items, missing_dev = _items(dev, task, training=False)
+        split = None
+        if task.kind == "verification":  # label-only: refuses before any head is trained
+            split = split_speakers([c.labels[task.name] for c in train], [c.labels[task.name] for c in dev],
+                                   f"run_probe {task.name}")
+        train_items, missing_train = _items(train, task, training=True, split=split)
+        dev_items, missing_dev = _items(dev, task, training=False, split=split)
         if not train_items or not dev_items:
             raise ValueError(f"run_probe {task.name}: {len(train_items)} training and {len(dev_items)} dev utterances "
                              f"with a value ({missing_train} + {missing_dev} without); need both")
         with torch.random.fork_rng(devices=[]):  # seeded init that leaves the caller's RNG alone
             torch.manual_seed(seed)
-            modules = _build_modules(interface, train_items[0], task, step_transform, head == "lstm", head_dim, device)
+            modules = _build_modules(interface, train_items[0], task, step_transform, head == "lstm", head_dim, device,
+                                     len(split.seen) if split else 0)
         losses = _train(train_items, task, modules, step_transform, extra_parameters, steps, learning_rate, seed,
                         batch_size, device)
-        score = _evaluate(dev_items, task, modules, step_transform, batch_size, device)
         tail = losses[-max(1, steps // 10):]
-        metric = "cer" if task.kind == "ctc" else "accuracy"
-        results[task.name] = ProbeResult(metric, score, sum(tail) / len(tail), steps, len(train_items), len(dev_items),
-                                         missing_train, missing_dev)
+        common = (sum(tail) / len(tail), steps, len(train_items), len(dev_items), missing_train, missing_dev)
+        if split is not None:
+            eer, trials, target_trials = _verify(dev_items, modules, step_transform, batch_size, device, seed)
+            results[task.name] = ProbeResult("eer", eer, *common, seen_speakers=len(split.seen),
+                                             unseen_speakers=len(split.unseen), trials=trials, target_trials=target_trials)
+            continue
+        score = _evaluate(dev_items, task, modules, step_transform, batch_size, device)
+        results[task.name] = ProbeResult("cer" if task.kind == "ctc" else "accuracy", score, *common)
     return results
 
 
@@ -189,7 +224,7 @@ def _train(train: list[_Item], task: ProbeTask, modules: tuple[nn.Module, nn.Mod
         module.train()
     for step, indices in enumerate(_batch_order(len(train), batch_size, steps, seed), 1):
         items = [train[i] for i in indices]
-        loss = _loss(*_forward(items, modules, transform, device), items, task)
+        loss = _loss(*_forward(items, modules, transform, device), items, task, modules[1])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, _MAX_GRAD_NORM)
@@ -224,13 +259,20 @@ def _cache(extract: Extractor, batches: Iterable[Mapping[str, Any]], tasks: Sequ
     return cached, torch.device("cpu") if device is None else torch.device(device)
 
 
-def _items(cached: list[_Cached], task: ProbeTask, training: bool) -> tuple[list[_Item], int]:
-    """The task's utterances (features shared with the cache, not copied) and how many had no value."""
+def _items(cached: list[_Cached], task: ProbeTask, training: bool,
+           split: Optional[SpeakerSplit] = None) -> tuple[list[_Item], int]:
+    """The task's utterances (features shared with the cache, not copied) and how many had no value.
+    Verification: training keeps the seen speakers (target: index among them), dev the unseen ones."""
     items, missing = [], 0
     for entry in cached:
         label = entry.labels[task.name]
         if is_missing(label):
             missing += 1
+            continue
+        if split is not None:
+            speakers = split.seen if training else split.unseen
+            if str(label) in speakers:
+                items.append(_Item(entry.features, [speakers.index(str(label))], str(label)))
             continue
         target = task.encode(label)
         if training and task.kind == "classification" and target[0] < 0:
@@ -241,7 +283,7 @@ def _items(cached: list[_Cached], task: ProbeTask, training: bool) -> tuple[list
 
 
 def _build_modules(interface: Union[str, nn.Module], sample: _Item, task: ProbeTask, transform: Optional[Transform],
-                   recurrent: bool, head_dim: int, device: torch.device) -> tuple[nn.Module, nn.Module]:
+                   recurrent: bool, head_dim: int, device: torch.device, num_seen: int = 0) -> tuple[nn.Module, nn.Module]:
     features = sample.features[:, None].float().to(device)  # (L, 1, T, D)
     with torch.no_grad():
         features = transform(features) if transform is not None else features
@@ -256,6 +298,8 @@ def _build_modules(interface: Union[str, nn.Module], sample: _Item, task: ProbeT
         out_dim = iface(features).shape[-1]
     if task.kind == "ctc":
         return iface, _CTCHead(out_dim, head_dim, len(task.vocab), recurrent).to(device)
+    if task.kind == "verification":
+        return iface, _SpeakerHead(out_dim, head_dim, num_seen).to(device)
     return iface, _PoolHead(out_dim, len(task.vocab)).to(device)
 
 
@@ -273,7 +317,10 @@ def _forward(items: Sequence[_Item], modules: tuple[nn.Module, nn.Module], trans
     return head(iface(features), lengths), lengths
 
 
-def _loss(logits: torch.Tensor, lengths: torch.Tensor, items: Sequence[_Item], task: ProbeTask) -> torch.Tensor:
+def _loss(logits: torch.Tensor, lengths: torch.Tensor, items: Sequence[_Item], task: ProbeTask,
+          head: nn.Module) -> torch.Tensor:
+    if task.kind == "verification":  # `logits` are the embeddings
+        return head.am_softmax_loss(logits, torch.tensor([it.target[0] for it in items], device=logits.device))
     if task.kind == "classification":
         return F.cross_entropy(logits, torch.tensor([it.target[0] for it in items], device=logits.device))
     targets = torch.tensor([i for it in items for i in it.target], dtype=torch.long, device=logits.device)
@@ -303,6 +350,18 @@ def _evaluate(dev: list[_Item], task: ProbeTask, modules: tuple[nn.Module, nn.Mo
     if task.kind == "ctc":
         return error_rate([it.reference for it in dev], predictions)
     return sum(int(p == it.reference) for p, it in zip(predictions, dev)) / len(dev)
+
+
+def _verify(dev: list[_Item], modules: tuple[nn.Module, nn.Module], transform: Optional[Transform],
+            batch_size: int, device: torch.device, seed: int) -> tuple[float, int, int]:
+    """EER over all pairs of the unseen speakers' utterances (cosine of embeddings); (eer, trials, target trials)."""
+    for module in modules:
+        module.eval()
+    with torch.no_grad():
+        embeddings = torch.cat([_forward(dev[start: start + batch_size], modules, transform, device)[0].cpu()
+                                for start in range(0, len(dev), batch_size)])
+    target, nontarget = score_trials(embeddings, [it.reference for it in dev], seed)
+    return equal_error_rate(target.numpy(), nontarget.numpy()), len(target) + len(nontarget), len(target)
 
 
 def _decode(logits: torch.Tensor, lengths: torch.Tensor, task: ProbeTask) -> list[Any]:

@@ -14,7 +14,8 @@ names it ("checkpoint": path, step, which rule picked it, the run's best and new
    only a run folder has (in its checkpoints); an exported student folder has none, so the
    section is skipped there and says so.
 2. Probes (SUPERB style, distill/evaluation/probe.py): frozen features + weighted sum + small head, for each
-   task in `probe_tasks` ("kind:column", any column of the dataset), for the student, the fused
+   task in `probe_tasks` ("kind:column", any column of the dataset; kind ctc, classification or
+   verification: speaker verification on unseen speakers, scored by EER), for the student, the fused
    teacher and every single upstream, with one budget (steps, learning rate, seed) for all; each
    model's features are extracted once for all tasks. An exported folder with `model.onnx` also
    probes its int8 graph (`model_int8.onnx`, quantised into OUT when absent), so the table shows
@@ -58,7 +59,8 @@ from .plots import format_checkpoint, format_cost, format_probes, format_report,
 from .extractors import hf_encoder_extractor, onnx_extractor, teacher_extractor
 from .probe import run_probes
 from .target import EvalTarget, load_target
-from .tasks import ProbeTask, is_missing
+from .tasks import KINDS, ProbeTask, is_missing
+from .verification import split_speakers
 
 __all__ = [
     "EvalTarget", "load_target", "evaluate", "prediction_similarity", "probe_all", "cost_all",
@@ -125,7 +127,8 @@ def probe_all(
     train split and are scored on its eval split (at most `max_items` utterances of each). Each
     model's features are extracted once for all tasks; a row without a value for a task is left
     out of that task only and counted ("missing"); a task whose column the dataset lacks, or that
-    has no labelled row in a split, is skipped and says so.
+    has no labelled row in a split, is skipped and says so; so is a verification task whose
+    batches have too few seen or unseen speakers (verification.split_speakers).
     """
     data = target.data
     specs = list(dict.fromkeys(tasks))
@@ -143,7 +146,7 @@ def probe_all(
     probe_tasks = {}
     for spec in specs:
         kind, _, column = spec.partition(":")
-        reason = _unusable(column, train_batches, dev_batches)
+        reason = _unusable(column, train_batches, dev_batches) or _unverifiable(kind, column, train_batches, dev_batches)
         if reason:
             section["tasks"][spec] = {"skipped": reason}
             logger.warning("probe %s skipped: %s", spec, reason)
@@ -174,6 +177,19 @@ def _unusable(column: str, train_batches: list[dict], dev_batches: list[dict]) -
         values = [v for batch in batches for v in (batch.get(column) or batch.get(column + "s") or [])]
         if not any(not is_missing(v) for v in values):
             return f"no {split} utterance has a {column!r} value"
+    return None
+
+
+def _unverifiable(kind: str, column: str, train_batches: list[dict], dev_batches: list[dict]) -> str | None:
+    """Why a verification task cannot be scored (too few seen / unseen speakers), from the labels alone."""
+    if kind != "verification":
+        return None
+    labels = [[v for batch in batches for v in (batch.get(column) or batch.get(column + "s") or [])]
+              for batches in (train_batches, dev_batches)]
+    try:
+        split_speakers(*labels, name=f"verification:{column}")
+    except ValueError as err:
+        return str(err)
     return None
 
 
@@ -249,8 +265,8 @@ def _check_tasks(specs: Sequence[str]) -> None:
     # Fail on a typo before minutes of model loading, not after the similarity pass.
     for spec in specs:
         kind, _, column = spec.partition(":")
-        if kind not in ("ctc", "classification") or not column:
-            raise ValueError(f"probe task {spec!r}: expected ctc:COLUMN or classification:COLUMN")
+        if kind not in KINDS or not column:
+            raise ValueError(f"probe task {spec!r}: expected ctc:COLUMN or classification:COLUMN or verification:COLUMN")
 
 
 def _eval_split(data: DataConfig) -> str:

@@ -4,6 +4,9 @@ Labels: column `c` is read from `batch[c]` (make_eval_batches' extra columns) or
 ("texts"/"labels"); `ProbeTask.from_batches` takes the vocabulary from the (capped) training
 batches themselves, so nothing beyond what the probe trains on is ever read. A row without a value
 for a task (None, an empty string, NaN) is left out of that task only and counted in its ProbeResult.
+
+Kind "verification" (SUPERB ASV on unseen speakers, verification.py): the column names the
+speaker; the vocabulary is every training speaker, of which the probe trains on the seen ones.
 """
 
 from __future__ import annotations
@@ -14,13 +17,13 @@ from typing import Any, Iterable, Mapping, Optional
 
 __all__ = ["ProbeTask", "ProbeResult", "is_missing", "KINDS"]
 
-KINDS = ("ctc", "classification")
+KINDS = ("ctc", "classification", "verification")
 
 
 @dataclass
 class ProbeTask:
-    """What to predict: `kind` "ctc" | "classification" from dataset `column`; `vocab`: the CTC
-    symbols (blank is index 0 and not listed) or the class names."""
+    """What to predict: `kind` "ctc" | "classification" | "verification" from dataset `column`;
+    `vocab`: the CTC symbols (blank is index 0 and not listed), the class names or the speakers."""
 
     kind: str
     column: str
@@ -42,7 +45,8 @@ class ProbeTask:
     def from_batches(cls, batches: Iterable[Mapping[str, Any]], kind: str, column: str) -> "ProbeTask":
         """Vocabulary from the labels of already materialised (training) batches: sorted characters
         (ctc) or sorted labels as str (classification). Only these batches are read, so the
-        vocabulary costs nothing beyond the item cap the probe trains on."""
+        vocabulary costs nothing beyond the item cap the probe trains on. Verification: sorted
+        speakers as str (the seen/unseen split needs the test labels too: run_probes makes it)."""
         values: list[Any] = []
         found, keys = False, set()
         for batch in batches:
@@ -59,7 +63,8 @@ class ProbeTask:
         return cls(kind, column, sorted({str(v) for v in values}))
 
     def encode(self, value: Any) -> list[int]:
-        """CTC: symbol ids (1-based; characters outside the vocab dropped). Classification: [class] or [-1]."""
+        """CTC: symbol ids (1-based; characters outside the vocab dropped). Classification and
+        verification: [class] or [-1]."""
         if self.kind == "ctc":
             return [self._index[ch] + 1 for ch in str(value) if ch in self._index]
         return [self._index.get(str(value), -1)]
@@ -90,8 +95,13 @@ def is_missing(value: Any) -> bool:
 
 @dataclass
 class ProbeResult:
-    """Dev `score` ("cer" or "accuracy"), mean loss of the last tenth of the steps, utterances used,
-    and utterances left out of this task because they had no value for its column."""
+    """Dev `score` ("cer", "accuracy" or "eer"), mean loss of the last tenth of the steps, utterances
+    used, and utterances left out of this task because they had no value for its column.
+
+    Verification ("eer", lower is better): num_train counts the seen speakers' training utterances,
+    num_dev the unseen speakers' test utterances; the speaker counts and trials are set, and
+    `to_dict` adds "one_minus_eer", the higher-is-better score that means and retention use.
+    """
 
     metric: str
     score: float
@@ -101,10 +111,18 @@ class ProbeResult:
     num_dev: int
     missing_train: int = 0
     missing_dev: int = 0
+    seen_speakers: Optional[int] = None
+    unseen_speakers: Optional[int] = None
+    trials: Optional[int] = None
+    target_trials: Optional[int] = None
 
     @property
     def lower_is_better(self) -> bool:
-        return self.metric == "cer"
+        return self.metric in ("cer", "eer")
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "lower_is_better": self.lower_is_better}
+        # Fields of other kinds (None) are left out: classification / CTC rows stay as they were.
+        out = {k: v for k, v in asdict(self).items() if v is not None}
+        if self.metric == "eer":
+            out["one_minus_eer"] = 1.0 - self.score
+        return {**out, "lower_is_better": self.lower_is_better}
