@@ -21,6 +21,7 @@ import argparse
 import json
 import logging
 import re
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -220,4 +221,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from benchmarks import run_main
+
+    sys.exit(run_main(main, "python -m benchmarks.mini_superb"))
