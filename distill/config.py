@@ -156,7 +156,7 @@ def resolve_recipe_path(recipe: str | Path) -> Path:
     """A path, or the name of a shipped recipe (`demo` -> recipes/demo.yaml, inside the package
     once installed; `fusion-distill recipes` lists them)."""
     path = Path(recipe)
-    if path.exists():
+    if path.is_file():  # a file wins; a folder named like a shipped recipe (./demo/) does not
         return path
     names = recipe_names()
     if str(recipe) in names:
