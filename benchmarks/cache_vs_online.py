@@ -196,4 +196,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from benchmarks import run_main
+
+    sys.exit(run_main(main, "python -m benchmarks.cache_vs_online"))

@@ -264,4 +264,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from benchmarks import run_main
+
+    sys.exit(run_main(main, "python -m benchmarks.cost"))

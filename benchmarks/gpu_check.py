@@ -269,4 +269,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from benchmarks import run_main
+
+    sys.exit(run_main(main, "python -m benchmarks.gpu_check"))

@@ -122,4 +122,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from benchmarks import run_main
+
+    sys.exit(run_main(main, "python -m benchmarks.loader"))

@@ -29,12 +29,15 @@ import importlib.util
 import io
 import re
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 import torch
+
+from benchmarks import MissingPackage
 
 __all__ = ["KNOWN_MODELS", "read_ctranslate2", "whisper_from_ctranslate2", "write_whisper_folder", "packaged_model_bin"]
 
@@ -192,7 +195,7 @@ def packaged_model_bin(name: str) -> list[Path]:
         spec = importlib.util.find_spec(package)
         if spec is None or not spec.submodule_search_locations:
             wanted = " ".join(p.replace("_", "-") for p in known.packages)
-            raise FileNotFoundError(f"{name}: package {package} is not installed; pip install {wanted} (or: pip install -e '.[pretrained]')")
+            raise MissingPackage(f"{name}: package {package} is not installed; pip install {wanted} (or: pip install -e '.[pretrained]')")
         root = Path(next(iter(spec.submodule_search_locations)))
         found = sorted(root.glob("model/model.bin")) + sorted(root.glob("data/model.bin*"))
         if not found:
@@ -240,4 +243,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from benchmarks import run_main
+
+    sys.exit(run_main(main, "python -m benchmarks.pretrained_whisper"))

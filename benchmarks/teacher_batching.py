@@ -190,4 +190,6 @@ def report(r: dict) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from benchmarks import run_main
+
+    sys.exit(run_main(main, "python -m benchmarks.teacher_batching"))

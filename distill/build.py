@@ -14,11 +14,11 @@ from typing import Iterator
 
 import torch
 
-from students import DistillStudent, PredictionHeads, build_student, build_student_config, init_from_upstream
+from students import DistillStudent, PredictionHeads, build_student, init_from_upstream
 from teachers import CONFIG_NAME, FusedTeacher, Upstream, canonical_spec, load_upstream, read_saved_config
 
 from .data.audio import RECEPTIVE_FIELD
-from .config import RecipeConfig, TeacherConfig
+from .config import RecipeConfig, TeacherConfig, student_config
 from .data.loader import BadAudio, decode_audio
 
 __all__ = ["build_teacher", "teacher_config_diffs", "build_distill_student", "student_config", "pca_waveforms", "single_upstream_teacher", "upstream_names"]
@@ -132,16 +132,6 @@ def build_distill_student(
         student_layers=s.student_layers,
     )
     return DistillStudent(encoder, heads)
-
-
-def student_config(cfg: RecipeConfig):
-    """The stock HF config of the recipe's student encoder (preset + architecture overrides)."""
-    s = cfg.student
-    overrides = {
-        key: getattr(s, key)
-        for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "conv_dim", "feat_extract_norm")
-    }
-    return build_student_config(s.arch, s.preset, **overrides)
 
 
 def single_upstream_teacher(teacher: FusedTeacher, index: int, fit: bool = False) -> FusedTeacher:

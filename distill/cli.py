@@ -1,12 +1,14 @@
 """`fusion-distill` / `python -m distill`: one subcommand per stage.
 
+    fusion-distill recipes [ls]                  the recipes shipped in the package (RECIPE may name one)
+    fusion-distill recipes cp NAME DEST          copy one out to edit (DEST: a .yaml path or a folder)
     fusion-distill inspect-teacher RECIPE
     fusion-distill compare-upstreams RECIPE [--max-utterances N] [--max-frames F] [--out DIR]
     fusion-distill cache-targets RECIPE --out DIR [--split SPLIT] [--teacher DIR] [--shard-size N] [--dtype float16|int8] [key=value ...]
       (accelerate launch --num_processes N -m distill cache-targets ...: N processes share the shards)
     fusion-distill verify-cache DIR
     fusion-distill fit-teacher RECIPE --out DIR [--task ctc|classification] [--column C] [--max-items N] [--device D]
-    fusion-distill train RECIPE [--output-dir DIR] [--resume-from latest|DIR [--allow-recipe-change KEY[,KEY]]] [key=value ...]
+    fusion-distill train RECIPE [--output-dir DIR] [--resume-from latest|DIR [--allow-recipe-change KEY[,KEY]] | --overwrite] [key=value ...]
     fusion-distill evaluate (RUN_DIR | STUDENT_DIR) [--checkpoint best|latest] [--teacher DIR] [--data DATA] [--no-probe] [--no-cost]
     fusion-distill export (RUN_DIR | STUDENT_DIR) OUT_DIR [--overwrite] [--onnx [--quantize int8] [--parity-data DATA]] [--push-to-hub REPO_ID]
 """
@@ -30,7 +32,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
     if args.output_dir:
         overrides.append(f"training.output_dir={args.output_dir}")
     allow = [key.strip() for group in args.allow_recipe_change or [] for key in group.split(",") if key.strip()]
-    export_dir = train(load_recipe(args.recipe, overrides), resume_from=args.resume_from, allow_recipe_change=allow)
+    export_dir = train(load_recipe(args.recipe, overrides), resume_from=args.resume_from, allow_recipe_change=allow,
+                       overwrite=args.overwrite)
     if _is_main_process():
         print(f"\nStudent: {export_dir}\nLoad it with no custom code:\n"
               f"  from transformers import AutoModel\n  model = AutoModel.from_pretrained({str(export_dir)!r})")
@@ -136,6 +139,35 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     print(format_report(result))
 
 
+def _cmd_recipes(args: argparse.Namespace) -> None:
+    import shutil
+    from pathlib import Path
+
+    from .shipped import recipe_names, recipe_summary, recipes_dir
+
+    names = recipe_names()
+    if args.recipes_command != "cp":
+        width = max(map(len, names), default=0)
+        print("\n".join(f"{name:<{width}}  {recipe_summary(name)}" for name in names))
+        print(f"\n(in {recipes_dir()}) train one: fusion-distill train NAME; copy one to edit: fusion-distill recipes cp NAME DEST")
+        return
+    if args.name not in names:
+        raise FileNotFoundError(f"no shipped recipe {args.name!r}; shipped: {', '.join(names)}")
+    dest = Path(args.dest)
+    dest = dest / f"{args.name}.yaml" if dest.is_dir() else dest
+    if dest.exists():
+        raise FileExistsError(f"{dest}: already exists; pick another name or remove it")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(recipes_dir() / f"{args.name}.yaml", dest)
+    print(f"copied recipe {args.name} to {dest}; edit it, then: fusion-distill train {dest}")
+
+
+def _version() -> str:
+    from . import __version__
+
+    return f"fusion-distill {__version__}"
+
+
 def _is_main_process() -> bool:
     from accelerate import PartialState
 
@@ -145,7 +177,16 @@ def _is_main_process() -> bool:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fusion-distill", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("recipes", help="list the shipped recipes, or copy one out to edit (like `tune ls` / `tune cp`)")
+    actions = p.add_subparsers(dest="recipes_command")
+    actions.add_parser("ls", help="list them (the default)")
+    cp = actions.add_parser("cp", help="copy one out: fusion-distill recipes cp demo my_recipe.yaml")
+    cp.add_argument("name", help="a shipped recipe's name (see `fusion-distill recipes`)")
+    cp.add_argument("dest", help="a .yaml path, or a folder to copy NAME.yaml into; never overwritten")
+    p.set_defaults(func=_cmd_recipes)
 
     p = sub.add_parser("train", help="distil the recipe's fused teacher into its student")
     p.add_argument("recipe", help="a recipe YAML, or the name of a shipped one (demo)")
@@ -154,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume-from", help="'latest' or a checkpoint folder")
     p.add_argument("--allow-recipe-change", action="append", metavar="KEY[,KEY]",
                    help="with --resume-from: accept these changed recipe keys (e.g. training.learning_rate); the run is then not reproducible")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in a folder that holds a run: delete its "
+                   "checkpoints, logs, teacher and student first (without it such a folder is refused)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("export", help="write the run's student as a stock Hugging Face folder (and ONNX)")

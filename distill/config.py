@@ -16,6 +16,7 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .recipe_ranges import number_problem
+from .shipped import recipe_names, recipes_dir
 
 __all__ = [
     "RecipeError",
@@ -26,10 +27,10 @@ __all__ = [
     "TrainingConfig",
     "RecipeConfig",
     "load_recipe",
+    "student_config",
     "resolve_recipe_path",
 ]
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 
 class RecipeError(ValueError):
@@ -152,14 +153,15 @@ class RecipeConfig:
 
 
 def resolve_recipe_path(recipe: str | Path) -> Path:
-    """A path, or the name of a shipped recipe (`demo` -> recipes/demo.yaml)."""
+    """A path, or the name of a shipped recipe (`demo` -> recipes/demo.yaml, inside the package
+    once installed; `fusion-distill recipes` lists them)."""
     path = Path(recipe)
-    if path.exists():
+    if path.is_file():  # a file wins; a folder named like a shipped recipe (./demo/) does not
         return path
-    shipped = RECIPES_DIR / f"{recipe}.yaml"
-    if shipped.exists():
-        return shipped
-    raise RecipeError(f"recipe not found: {recipe} (a YAML path, or one of {sorted(p.stem for p in RECIPES_DIR.glob('*.yaml'))})")
+    names = recipe_names()
+    if str(recipe) in names:
+        return recipes_dir() / f"{recipe}.yaml"
+    raise RecipeError(f"recipe not found: {recipe} (a YAML path, or one of {names})")
 
 
 def load_recipe(recipe: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RecipeConfig:
@@ -189,10 +191,22 @@ def load_recipe(recipe: str | Path, overrides: list[str] | tuple[str, ...] = ())
         raise RecipeError(f"{path}: missing required key(s): {', '.join(missing)}")
     cfg: RecipeConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     _check_choices(cfg, path)
-    problem = number_problem(cfg)  # every numeric field: key, value and allowed range in one line
+    problem = number_problem(cfg, lambda: student_config(cfg))  # every numeric field: key, value and allowed range in one line
     if problem:
         raise RecipeError(f"{path}: {problem}")
     return cfg
+
+
+def student_config(cfg: RecipeConfig):
+    """The stock HF config of the recipe's student encoder (preset + architecture overrides)."""
+    from students import build_student_config  # on use: it loads transformers
+
+    s = cfg.student
+    overrides = {
+        key: getattr(s, key)
+        for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "conv_dim", "feat_extract_norm")
+    }
+    return build_student_config(s.arch, s.preset, **overrides)
 
 
 _CHOICES = {

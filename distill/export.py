@@ -29,8 +29,8 @@ from .runs import (
     RECIPE_FILE, TRAIN_LOG, checkpoint_info, find_checkpoint, is_run, read_best, read_eval_log, read_log, read_recipe,
     shipped_checkpoint,
 )
+from .runs.staged_export import staged_export
 from .training.checkpoint import load_weights_strict, nonfinite_weights
-from .staged_export import staged_export
 
 __all__ = ["export_run", "export_student_folder", "parity_waveforms", "card_data_for_run"]
 
@@ -47,7 +47,7 @@ def export_run(
 
     onnx: also write model.onnx (and with quantize="int8" model_int8.onnx) beside the HF files,
     checked against PyTorch on a few utterances of `parity_data` (default: the run's dataset).
-    The folder is written aside and renamed into place (distill/staged_export.py); overwrite:
+    The folder is written aside and renamed into place (distill/runs/staged_export.py); overwrite:
     replace a non-empty `out_dir` that is not a previous export."""
     if onnx:
         require_onnx()  # before minutes of loading, not after

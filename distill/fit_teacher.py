@@ -41,6 +41,7 @@ from .data.loader import load_audio_dataset, make_eval_batches
 from .evaluation.extractors import teacher_extractor
 from .evaluation.probe import run_probe
 from .evaluation.tasks import ProbeResult, ProbeTask
+from .runs.lock import locked
 
 __all__ = ["fit_teacher", "REPORT_NAME", "DEFAULT_MAX_ITEMS", "DEFAULT_MAX_DEV_ITEMS"]
 
@@ -52,6 +53,7 @@ DEFAULT_MAX_ITEMS, DEFAULT_MAX_DEV_ITEMS = 1000, 200  # train / dev utterances w
 _CANONICAL = {"ctc": "text", "classification": "label"}
 
 
+@locked("fit-teacher", lambda cfg, out_dir, *args, **kwargs: out_dir, kind="teacher folder")  # one writer per folder
 def fit_teacher(
     cfg: RecipeConfig,
     out_dir: Union[str, Path],

@@ -20,7 +20,7 @@ import math
 import typing
 from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 __all__ = ["Range", "RANGES", "numeric_fields", "number_problem"]
 
@@ -110,8 +110,13 @@ def numeric_fields(schema: type) -> list[str]:
     return names
 
 
-def number_problem(cfg) -> Optional[str]:
-    """One line about the first numeric field out of range, or None when all are fine."""
+def number_problem(cfg, student_config: Optional[Callable[[], Any]] = None) -> Optional[str]:
+    """One line about the first numeric field out of range, or None when all are fine.
+
+    student_config: builds the student's stock HF config (`distill.config.student_config`), called
+    only once every number is in range; None skips the checks against the student. Passed in, so
+    this table never imports the student builder (which imports the recipe schema).
+    """
     for key, allowed in RANGES.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
@@ -123,7 +128,7 @@ def number_problem(cfg) -> Optional[str]:
         bad = next((v for v in values if isinstance(v, bool) or not allowed.allows(v)), None)
         if bad is not None or (isinstance(value, (list, tuple)) and not values):
             return _out_of_range(key, value, bad, allowed.text())
-    return _cross_field_problem(cfg) or _teacher_problem(cfg) or _student_problem(cfg)
+    return _cross_field_problem(cfg) or _teacher_problem(cfg) or _student_problem(cfg, student_config)
 
 
 def _out_of_range(key: str, value: Any, bad: Any, allowed: str) -> str:
@@ -193,12 +198,12 @@ def _teacher_problem(cfg) -> Optional[str]:
     return None
 
 
-def _student_problem(cfg) -> Optional[str]:
+def _student_problem(cfg, student_config: Optional[Callable[[], Any]]) -> Optional[str]:
     s = cfg.student
+    if student_config is None:
+        return None
     try:  # the stock HF config's own checks (head divisibility, conv lengths), as one line
-        from .build import student_config
-
-        config = student_config(cfg)
+        config = student_config()
     except ValueError as err:
         return str(err).splitlines()[0]
     except ImportError:

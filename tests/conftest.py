@@ -6,7 +6,12 @@ Nothing here downloads anything: every model is built from a config, written wit
 
 from __future__ import annotations
 
+import json
 import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +23,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(1)
 
 from distill.data.signals import speech_like
+from distill.runs.lock import LOCK_NAME, _process_start
 from teachers.configs import TINY
 
 # Tiny random-init upstreams (teachers/configs.py: 2 layers, 32 wide, the real frame grids).
@@ -55,3 +61,19 @@ def make_wave(seconds: float, seed: int = 0, sr: int = 16000) -> torch.Tensor:
 @pytest.fixture
 def wave():
     return make_wave
+
+
+@pytest.fixture
+def foreign_holder():
+    """A live process of this host, and a lock record naming it, for any folder."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+
+    def lock(folder: Path, command: str = "train") -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        record = {"pid": proc.pid, "host": socket.gethostname(), "command": command, "started": "2026-01-01T00:00:00Z",
+                  "process_start": _process_start(proc.pid), "token": "foreign"}
+        (folder / LOCK_NAME).write_text(json.dumps(record) + "\n")
+
+    yield proc.pid, lock
+    proc.kill()
+    proc.wait()

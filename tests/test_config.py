@@ -2,9 +2,10 @@ from pathlib import Path
 
 import pytest
 
-from distill.config import RECIPES_DIR, RecipeError, load_recipe
+from distill.config import RecipeError, load_recipe
+from distill.shipped import recipes_dir
 
-ALL_RECIPES = sorted(RECIPES_DIR.glob("*.yaml"))
+ALL_RECIPES = sorted(recipes_dir().glob("*.yaml"))
 
 
 @pytest.mark.parametrize("recipe", ALL_RECIPES, ids=lambda p: p.stem)

@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from distill.resume_logs import drop_records_after
-from distill.runlock import LOCK_NAME, RunLockError, _process_start, export_lock_path, hold_lock
-from distill.staged_export import ExportError, staged_export
+from distill.runs.lock import LOCK_NAME, RunLockError, export_lock_path, hold_lock
+from distill.runs.log_trim import drop_records_after
+from distill.runs.staged_export import ExportError, staged_export
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = ["teacher.pca_max_utterances=8", "data.max_crop_seconds=1.0", "training.logging_steps=1", "training.report_to=none"]
@@ -207,29 +206,13 @@ def test_two_writers_a_killed_holder_and_a_resume_with_each_log_line_once(tmp_pa
 
     resumed = _cli(*args, "--resume-from", "latest")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    warnings = [ln for ln in resumed.stderr.splitlines() if ln.startswith("WARNING distill.runlock")]
+    warnings = [ln for ln in resumed.stderr.splitlines() if ln.startswith("WARNING distill.runs.lock")]
     assert len(warnings) == 1 and f"taking over the lock of `fusion-distill train` (pid {first.pid}" in warnings[0]
     assert "resumed from" in resumed.stdout and "at step 4" in resumed.stdout
     assert "train_log.jsonl: dropped 1 line(s) past step 4" in resumed.stderr
     assert _steps(log) == [1, 2, 3, 4, 5, 6, 7, 8]  # step 5 once, though the killed run had logged it
     assert _steps(run / "eval_log.jsonl") == [2, 4, 6, 8]
     assert not lock.exists()
-
-
-@pytest.fixture
-def foreign_holder():
-    """A live process of this host, and a lock record naming it, for any folder."""
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-
-    def lock(folder: Path, command: str = "train") -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        record = {"pid": proc.pid, "host": socket.gethostname(), "command": command, "started": "2026-01-01T00:00:00Z",
-                  "process_start": _process_start(proc.pid), "token": "foreign"}
-        (folder / LOCK_NAME).write_text(json.dumps(record) + "\n")
-
-    yield proc.pid, lock
-    proc.kill()
-    proc.wait()
 
 
 @pytest.mark.slow

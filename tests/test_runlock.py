@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from distill.runlock import LOCK_NAME, RunLock, RunLockError, _process_start, hold_lock, hold_lock_all_ranks, locked
+from distill.runs.lock import LOCK_NAME, RunLock, RunLockError, _process_start, hold_lock, hold_lock_all_ranks, locked
 
 
 def _write_holder(folder, **fields):
@@ -61,7 +61,7 @@ def test_a_dead_holder_on_this_host_is_taken_over_with_one_warning(tmp_path, cap
     run = tmp_path / "run"
     pid = _dead_pid()
     _write_holder(run, pid=pid, process_start=None)
-    with caplog.at_level(logging.WARNING, logger="distill.runlock"):
+    with caplog.at_level(logging.WARNING, logger="distill.runs.lock"):
         with hold_lock(run, "train") as lock:
             assert json.loads((run / LOCK_NAME).read_text())["token"] == lock.record["token"]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -75,7 +75,7 @@ def test_a_reused_pid_is_recognised_by_its_start_time(tmp_path, caplog):
     if _process_start(os.getpid()) is None:
         pytest.skip("no /proc: pid reuse cannot be told apart here")
     _write_holder(run, process_start="1")
-    with caplog.at_level(logging.WARNING, logger="distill.runlock"), hold_lock(run, "train"):
+    with caplog.at_level(logging.WARNING, logger="distill.runs.lock"), hold_lock(run, "train"):
         pass
     assert any("taking over" in r.getMessage() for r in caplog.records)
 

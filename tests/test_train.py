@@ -180,4 +180,10 @@ def test_reused_output_dir_with_another_teacher_is_refused(tmp_path):
     again = _cli("train", "demo", "--output-dir", str(run), "training.max_steps=1", "teacher.target_layers=[1,3]", *FAST)
     assert again.returncode == 2
     errors = [line for line in again.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "already holds a run" in errors[0]  # its checkpoints: refused first (test_faults_round3)
+    for checkpoint in run.glob("checkpoint-*"):  # a run killed before its first checkpoint keeps only its teacher
+        shutil.rmtree(checkpoint)
+    again = _cli("train", "demo", "--output-dir", str(run), "training.max_steps=1", "teacher.target_layers=[1,3]", *FAST)
+    assert again.returncode == 2
+    errors = [line for line in again.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and "saved teacher differs from the recipe's in target_layers" in errors[0]

@@ -21,6 +21,7 @@ import argparse
 import json
 import logging
 import re
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -83,15 +84,15 @@ def run(cfg: BenchmarkConfig, out: Path, cache_dir: Path, finetune: bool = True,
 
     corpus, corpus_info, upstream_reports, sources = prepare(cfg, cache_dir)
     lap("corpus_and_upstreams")
-    recipes = {n: write_recipe(recipe(cfg, corpus, sources[n], out / "runs" / n), out / "recipes" / f"{n}.yaml")
+    recipes = {n: write_recipe(recipe(cfg, corpus, sources[n], out / "runs" / n), out / "recipes" / f"{n}.yaml", root=out)
                for n in teachers(cfg)}
     targets = target_caches(cfg, out)
-    students = {n: distil(recipes[n], out / "runs" / n, targets[n]) for n in teachers(cfg)}
+    students = {n: distil(recipes[n], out / "runs" / n, targets[n], root=out) for n in teachers(cfg)}
     lap("distil")
     supervised_dir = None
     if supervised:
         supervised_dir = fit_supervised(recipes["fused"], out / "teachers" / "supervised", cfg.teacher.supervised_steps,
-                                        cfg.probe.train_items)
+                                        cfg.probe.train_items, root=out)
         lap("fit_teacher")
 
     fused_teacher = _fused_teacher(out)
@@ -222,4 +223,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from benchmarks import run_main
+
+    sys.exit(run_main(main, "python -m benchmarks.mini_superb"))

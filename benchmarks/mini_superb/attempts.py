@@ -41,7 +41,8 @@ def attempt_recipes(cfg: BenchmarkConfig, out: Path, corpus: Path, upstreams: li
         body = OmegaConf.create(recipe(base, corpus, upstreams, out / "attempts" / name))
         for key, value in overrides.items():
             OmegaConf.update(body, key, value, merge=False)
-        files[name] = write_recipe(OmegaConf.to_container(body), out / "attempts" / "recipes" / f"{name}.yaml")
+        files[name] = write_recipe(OmegaConf.to_container(body), out / "attempts" / "recipes" / f"{name}.yaml",
+                                   root=out)
         load_recipe(files[name])
     return files
 
@@ -59,7 +60,7 @@ def run_attempts(cfg: BenchmarkConfig, out: Path, corpus: Path, upstreams: list[
         key = {"teacher": dataclasses.asdict(run.teacher), "dtype": run.data.targets_cache_dtype}
         same = key == {"teacher": dataclasses.asdict(main_recipe.teacher), "dtype": main_recipe.data.targets_cache_dtype}
         targets = out / "targets" / ("fused" if same else f"attempt-{config_hash(key)}")
-        student = distil(path, out / "attempts" / name, targets if cfg.distill.cache_targets else None, finished)
+        student = distil(path, out / "attempts" / name, targets if cfg.distill.cache_targets else None, finished, root=out)
         extract, model = student_extractor(student)
         tasks = probe(f"attempt {name}", extract, "weighted_sum", data, cfg)
         entry = {

@@ -32,6 +32,7 @@ import itertools
 import json
 import logging
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -239,4 +240,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from benchmarks import run_main
+
+    sys.exit(run_main(main, "python -m benchmarks.mini_superb.complementarity"))

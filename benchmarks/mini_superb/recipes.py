@@ -1,12 +1,16 @@
 """Recipes the benchmark hands to `fusion-distill`: one fused teacher, one per single upstream.
 
 They are ordinary recipe YAMLs (data only), written into the output folder so a reader can rerun
-any one of them by hand with `fusion-distill train OUT/recipes/NAME.yaml`. Every student gets the
-same student, data, crops, steps, learning rate and seed; only `teacher.upstreams` differs.
+any one of them by hand: `cd OUT && fusion-distill train recipes/NAME.yaml`. Their local paths
+(upstream folders, corpus, output folder) are written relative to OUT, the benchmark's --out folder,
+so a committed recipe names no machine's folders, and the benchmark runs `fusion-distill` from OUT
+too. Every student gets the same student, data, crops, steps, learning rate and seed; only
+`teacher.upstreams` differs.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -46,8 +50,30 @@ def recipe(cfg: BenchmarkConfig, corpus: Path, upstreams: list[Path], output_dir
     }
 
 
-def write_recipe(body: dict, path: Path) -> Path:
+def write_recipe(body: dict, path: Path, root: Path | None = None) -> Path:
+    """Write `body` to `path`. root: the benchmark's --out folder; the local paths (every upstream,
+    the corpus, the output folder: the benchmark's are always folders, never hub ids) are then
+    written relative to it, and the header says to run from there."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    header = "# Written by python -m benchmarks.mini_superb; rerun with: fusion-distill train THIS_FILE\n"
+    if root is None:
+        header = "# Written by python -m benchmarks.mini_superb; rerun with: fusion-distill train THIS_FILE\n"
+    else:
+        body = relative_paths(body, root)
+        header = ("# Written by python -m benchmarks.mini_superb --out OUT; local paths are relative to OUT. Rerun with:\n"
+                  f"#   cd OUT && fusion-distill train {_relative(path, root)}\n")
     path.write_text(header + OmegaConf.to_yaml(OmegaConf.create(body)))
     return path
+
+
+def relative_paths(body: dict, root: Path | str) -> dict:
+    """A recipe body with teacher.upstreams, data.dataset_name and training.output_dir relative to `root`."""
+    body = OmegaConf.to_container(OmegaConf.create(body))
+    body["teacher"]["upstreams"] = [_relative(p, root) for p in body["teacher"]["upstreams"]]
+    body["data"]["dataset_name"] = _relative(body["data"]["dataset_name"], root)
+    body["training"]["output_dir"] = _relative(body["training"]["output_dir"], root)
+    return body
+
+
+def _relative(path: Path | str, root: Path | str) -> str:
+    # Both absolute, or both relative to this process's working directory.
+    return Path(os.path.relpath(os.path.abspath(path), os.path.abspath(root))).as_posix()

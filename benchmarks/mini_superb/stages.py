@@ -46,25 +46,29 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 # ----------------------------------------------------------------------------- the CLI in real processes
-def cli(*args: str, log: Path) -> None:
-    """`python -m distill ARGS`, output to `log`; one line naming the log when it fails."""
+def cli(*args: str, log: Path, cwd: Path = REPO) -> None:
+    """`python -m distill ARGS` in `cwd` (a recipe's relative paths are read from there), output to
+    `log`; one line naming the log when it fails."""
     # The child uses as many threads as this process: on a shared machine oversubscribed threads
-    # make torch many times slower, not faster.
+    # make torch many times slower, not faster. PYTHONPATH: this checkout's distill from any cwd.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-           "OMP_NUM_THREADS": str(torch.get_num_threads())}
+           "OMP_NUM_THREADS": str(torch.get_num_threads()),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with open(log, "w") as fh:
-        done = subprocess.run([sys.executable, "-m", "distill", *args], cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        done = subprocess.run([sys.executable, "-m", "distill", *args], cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT)
     if done.returncode:
         tail = log.read_text().strip().splitlines()[-1:] or ["(no output)"]
         raise RuntimeError(f"fusion-distill {args[0]} failed ({done.returncode}): {tail[0]} (full log: {log})")
     logger.info("fusion-distill %s done in %.1f min (log: %s)", args[0], (time.perf_counter() - start) / 60, log)
 
 
-def distil(recipe: Path, run_dir: Path, targets: Path | None = None, elsewhere: Sequence[Path] = ()) -> Path:
+def distil(recipe: Path, run_dir: Path, targets: Path | None = None, elsewhere: Sequence[Path] = (),
+           root: Path = REPO) -> Path:
     """Train one student; reuse a finished run of the same recipe: in `run_dir`, or any of the
     run folders `elsewhere` (the sweep's point that equals an attempt is not trained twice).
+    root: the folder the recipe's relative paths start from (the benchmark's --out, write_recipe).
 
     targets: a target cache folder. The teacher then runs once over the corpus
     (`fusion-distill cache-targets`), not at every step: on a CPU the two upstreams' forward is
@@ -85,17 +89,19 @@ def distil(recipe: Path, run_dir: Path, targets: Path | None = None, elsewhere: 
     overrides = []
     if targets is not None:
         if not (targets / "manifest.json").exists() or not (targets / "teacher").exists():
-            cli("cache-targets", str(recipe), "--out", str(targets), log=targets.with_suffix(".log"))
-        overrides = [f"data.targets_cache={targets}"]
+            cli("cache-targets", str(recipe.resolve()), "--out", str(targets.resolve()), log=targets.with_suffix(".log"),
+                cwd=root)
+        overrides = [f"data.targets_cache={targets.resolve()}"]
         if OmegaConf.load(recipe).training.get("eval_steps"):
             # The held-out eval's targets too, by the same saved teacher: without them every
             # evaluation runs the teacher (Whisper's 30 s window) over the dev split again.
             dev = targets.with_name(f"{targets.name}-dev")
             if not (dev / "manifest.json").exists():
-                cli("cache-targets", str(recipe), "--out", str(dev), "--split", "dev", "--teacher", str(targets / "teacher"),
-                    log=dev.with_suffix(".log"))
-            overrides.append(f"data.eval_targets_cache={dev}")
-    cli("train", str(recipe), *overrides, "--output-dir", str(run_dir), log=run_dir.with_suffix(".log"))
+                cli("cache-targets", str(recipe.resolve()), "--out", str(dev.resolve()), "--split", "dev",
+                    "--teacher", str((targets / "teacher").resolve()), log=dev.with_suffix(".log"), cwd=root)
+            overrides.append(f"data.eval_targets_cache={dev.resolve()}")
+    cli("train", str(recipe.resolve()), *overrides, "--output-dir", str(run_dir.resolve()), log=run_dir.with_suffix(".log"),
+        cwd=root)
     return student
 
 
@@ -129,12 +135,12 @@ def training_summary(run_dir: Path) -> dict:
             "final_layer_cosine": [round(c, 4) for c in cosines], "best_step": best["step"], "convergence": verdict}
 
 
-def fit_supervised(recipe: Path, out: Path, steps: int, max_items: int) -> Path:
+def fit_supervised(recipe: Path, out: Path, steps: int, max_items: int, root: Path = REPO) -> Path:
     """The seed paper's stage: projection + HConv + head fitted on phoneme CTC, upstreams frozen."""
     if not (out / "fused_teacher.json").exists():
-        cli("fit-teacher", str(recipe), "--out", str(out), "--task", "ctc", "--column", "phonemes", "--steps", str(steps),
-            "--max-items", str(max_items), "--no-compare", "--device", "cpu", "teacher.projection_fit=supervised",
-            f"teacher.pretrained={out}", log=out.with_suffix(".log"))
+        cli("fit-teacher", str(recipe.resolve()), "--out", str(out.resolve()), "--task", "ctc", "--column", "phonemes",
+            "--steps", str(steps), "--max-items", str(max_items), "--no-compare", "--device", "cpu",
+            "teacher.projection_fit=supervised", f"teacher.pretrained={out.resolve()}", log=out.with_suffix(".log"), cwd=root)
     return out
 
 

@@ -46,7 +46,8 @@ def run_sweep(cfg: BenchmarkConfig, out: Path, corpus: Path, sources: dict[str, 
         for tag, point_cfg in points(cfg):
             run_dir = out / "sweep" / f"{teacher}-{tag}"
             body = recipe(point_cfg, corpus, sources[teacher], run_dir)
-            folder = distil(write_recipe(body, out / "sweep" / "recipes" / f"{teacher}-{tag}.yaml"), run_dir, targets[teacher])
+            file = write_recipe(body, out / "sweep" / "recipes" / f"{teacher}-{tag}.yaml", root=out)
+            folder = distil(file, run_dir, targets[teacher], root=out)
             extract, model = student_extractor(folder)
             models[f"{teacher} {tag}"] = ("student", model)
             probed.append((teacher, tag, point_cfg, probe(f"{teacher} {tag}", extract, "weighted_sum", data, point_cfg)))

@@ -61,7 +61,7 @@ from .reader import (
     DTYPES, FORMAT, MANIFEST_NAME, TEACHER_DIR, VERSION, CacheError, TargetCache, _key, encode_targets,
     refuse_streaming,
 )
-from ..runlock import locked
+from ..runs.lock import locked
 
 __all__ = ["CacheError", "TargetCache", "cache_targets", "MANIFEST_NAME", "TEACHER_DIR", "DTYPES"]
 

@@ -33,6 +33,7 @@ import numpy as np
 
 from .audio import SkipCounter, header_durations
 from ..config import DataConfig, RecipeError
+from ..shipped import shipped_dataset
 
 __all__ = ["AnyDataset", "DataError", "load_audio_dataset"]
 
@@ -66,7 +67,8 @@ def load_audio_dataset(data_cfg: DataConfig, split: str, columns: Sequence[str] 
     [min, max]_duration_in_seconds; what was dropped is counted and logged.
     """
     extras = _extra_columns(columns)
-    source = Path(data_cfg.dataset_name).expanduser().resolve()  # absolute: workers may chdir
+    # absolute: workers may chdir; `data/demo` outside a checkout is the corpus shipped in the package
+    source = (shipped_dataset(data_cfg.dataset_name) or Path(data_cfg.dataset_name)).expanduser().resolve()
     if source.is_file():
         ds = _from_manifest(source, split, data_cfg, extras)
     elif source.is_dir() and _folder_has_audio(source):

@@ -50,7 +50,8 @@ from teachers import FusedTeacher, frame_mask
 from ..build import single_upstream_teacher, upstream_names
 from ..config import DataConfig
 from ..data.audio import RECEPTIVE_FIELD
-from ..runs import read_eval_log
+from ..runs import is_run, read_eval_log
+from ..runs.lock import locked
 from .cost import (Cost, audio_encoder_job, fused_teacher_job, measure_jobs, onnx_student_job, ratios, student_job,
                    upstream_job, whisper_encoder_job)
 from ..data.loader import load_audio_dataset, make_eval_batches
@@ -281,6 +282,17 @@ def _min_samples(teacher: FusedTeacher | None) -> int:
 
 
 # ----------------------------------------------------------------------------- the whole report
+def eval_folder(target: str | Path, out_dir: str | Path | None = None) -> Path:
+    """Where evaluate writes: out_dir, else RUN/eval for a run folder, else STUDENT_DIR-eval beside an
+    exported folder (not inside it: files there would ship and upload with the model)."""
+    target = Path(target)
+    return Path(out_dir) if out_dir else (target / "eval" if is_run(target) else target.with_name(target.name + "-eval"))
+
+
+# One writer per folder: the output folder's lock, never the run's (evaluating a run that is still
+# training is fine; two evaluations into one folder would interleave their files).
+@locked("evaluate", lambda target, teacher=None, data=None, out_dir=None, *args, **kwargs: eval_folder(target, out_dir),
+        kind="eval folder")
 def evaluate(
     target: str | Path, teacher: str | Path | None = None, data: str | None = None, out_dir: str | Path | None = None,
     probe_tasks: Sequence[str] = DEFAULT_PROBE_TASKS, probe_steps: int = 200, max_items: int | None = 200, *,
@@ -298,8 +310,7 @@ def evaluate(
     """
     _check_tasks(probe_tasks if probe else ())
     t = load_target(target, teacher, data, overrides, checkpoint)
-    # Beside an exported folder, not inside it: files there would ship (and upload) with the model.
-    out = Path(out_dir) if out_dir else (t.path / "eval" if t.kind == "run" else t.path.with_name(t.path.name + "-eval"))
+    out = eval_folder(target, out_dir)
     out.mkdir(parents=True, exist_ok=True)
     run_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     for module in (t.student if t.student is not None else t.encoder, t.teacher):

@@ -38,14 +38,17 @@ from ..checksums import weights_digest
 from ..config import RecipeConfig, RecipeError
 from ..data.loader import SkipCounter, load_audio_dataset, make_train_dataloader, rank_share
 from ..export import export_run
-from ..runs import STUDENT_DIR, TEACHER_DIR, TRAIN_LOG, CheckpointError, append_log, checkpoint_dir, save_recipe, shipped_step
+from ..runs import (
+    STUDENT_DIR, TEACHER_DIR, TRAIN_LOG, CheckpointError, append_log, checkpoint_dir, clear_run, refuse_fresh_start, save_recipe,
+    shipped_step,
+)
 from .checkpoint import any_rank, mark_best, save_checkpoint
 from .faults import StepHealth, StopSignals, check_writable, count_nonfinite_step, errno_name, preempt
 from .losses import distill_loss
 from .resume import load_checkpoint, record_resume, resume_checkpoint
-from ..resume_logs import drop_records_after
-from ..runlock import locked
-from ..staged_export import ExportError
+from ..runs.lock import locked
+from ..runs.log_trim import drop_records_after
+from ..runs.staged_export import ExportError
 from .validation import Evaluator
 
 __all__ = ["TrainState", "train", "loss_step"]
@@ -124,22 +127,33 @@ class _Window:
 
 
 @locked("train", lambda cfg, *args, **kwargs: cfg.training.output_dir, kind="run folder")  # one writer per run folder
-def train(cfg: RecipeConfig, resume_from: str | None = None, allow_recipe_change: Sequence[str] = ()) -> Path:
+def train(cfg: RecipeConfig, resume_from: str | None = None, allow_recipe_change: Sequence[str] = (),
+          overwrite: bool = False) -> Path:
     """Run the recipe; return the folder of the exported student.
 
     resume_from: `latest` or a checkpoint folder; allow_recipe_change: recipe keys (or
-    `num_processes`) whose change since that checkpoint is forced rather than refused.
+    `num_processes`) whose change since that checkpoint is forced rather than refused. Without
+    resume_from, a folder that holds checkpoints is refused (RunExistsError) unless overwrite,
+    which deletes the previous run's files first (distill.runs.clear_run).
     Raises Preempted (exit 143/130) after a stop signal, TrainingDiverged after
     training.max_nonfinite_steps non-finite steps in a row.
     """
     t = cfg.training
     out = Path(t.output_dir)
+    if overwrite and resume_from:
+        raise ValueError("--overwrite starts afresh and deletes the run's checkpoints; it cannot go with --resume-from")
+    if not resume_from and not overwrite:
+        refuse_fresh_start(out)  # every rank, before anything is written: one line, exit 2
     accelerator = Accelerator(
         mixed_precision=t.mixed_precision,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         log_with=_trackers(cfg),
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
+    if overwrite:
+        if accelerator.is_main_process:
+            clear_run(out)
+        accelerator.wait_for_everyone()
     check_writable(out, accelerator.process_index)  # every rank: a failure is its own one line, no rank waits
     if allow_recipe_change and not resume_from:
         raise RecipeError(f"--allow-recipe-change {','.join(allow_recipe_change)}: only applies with --resume-from")

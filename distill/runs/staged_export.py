@@ -24,7 +24,7 @@ from typing import Iterator, Sequence
 from students.export import EXPORT_FILES
 from students.onnx import INT8_FILE, ONNX_FILE, PARITY_FILE
 
-from .runlock import export_lock_path, hold_lock
+from .lock import export_lock_path, hold_lock
 
 __all__ = ["ExportError", "EXPORT_NAMES", "is_previous_export", "staged_export"]
 

@@ -9,7 +9,12 @@
     RUN/checkpoint-STEP/        Accelerate save_state + recipe.yaml + checkpoint_complete (sha256 of
                                 every file) [+ best_checkpoint] [+ diverged]
     RUN/student/                the exported stock HF student
+    RUN/logs/                   TensorBoard (training.report_to)
     RUN/eval/                   `fusion-distill evaluate RUN` output
+
+A fresh `train` (no --resume-from) into a folder that already holds checkpoints is refused at
+start (`refuse_fresh_start`): its checkpoints would rotate the old run's and its logs would
+interleave. `train --overwrite` deletes the entries above first (`clear_run`), and nothing else.
 
 Writing checkpoints is training's job (distill/training/checkpoint.py); reading a run (which
 checkpoints exist and verify, which one ships, the logs) is asked here by train, export,
@@ -22,19 +27,21 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
-from .checksums import sha256_file
-from .config import RecipeConfig, load_recipe
+from ..checksums import sha256_file
+from ..config import RecipeConfig, load_recipe
 
 __all__ = [
     "RECIPE_FILE", "TEACHER_DIR", "STUDENT_DIR", "TRAIN_LOG", "EVAL_LOG", "RESUME_LOG", "BEST_FILE", "CHECKPOINT_PREFIX",
     "COMPLETE_MARKER", "BEST_MARKER", "DIVERGED_MARKER", "CHECKPOINT_CHOICES", "CheckpointError", "is_run", "read_recipe",
     "save_recipe", "append_log", "read_log", "read_eval_log", "checkpoint_dir", "checkpoint_info", "verify_checkpoint",
-    "list_checkpoints", "find_checkpoint", "read_best", "shipped_step", "shipped_checkpoint", "choose_checkpoint",
+    "checkpoint_step", "list_checkpoints", "find_checkpoint", "read_best", "shipped_step", "shipped_checkpoint", "choose_checkpoint",
+    "LOGS_DIR", "EVAL_DIR", "RunExistsError", "refuse_fresh_start", "clear_run",
 ]
 
 logger = logging.getLogger(__name__)
@@ -45,6 +52,8 @@ STUDENT_DIR = "student"
 TRAIN_LOG = "train_log.jsonl"
 EVAL_LOG = "eval_log.jsonl"
 RESUME_LOG = "resume_log.jsonl"
+LOGS_DIR = "logs"
+EVAL_DIR = "eval"
 BEST_FILE = "best_checkpoint.json"  # in the run folder: which checkpoint, and its eval figures
 CHECKPOINT_PREFIX = "checkpoint-"
 COMPLETE_MARKER = "checkpoint_complete"
@@ -56,6 +65,10 @@ _NAME = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 
 class CheckpointError(OSError):
     """A checkpoint that could not be written or read; the message is one line naming the folder."""
+
+
+class RunExistsError(FileExistsError):
+    """A fresh train into a folder that holds a run's checkpoints; the message is one line."""
 
 
 # --------------------------------------------------------------------------- recipe and logs
@@ -135,6 +148,36 @@ def verify_checkpoint(path: Path) -> Optional[str]:
         if sha256_file(file) != expected:
             return f"{file} is damaged (sha256 differs from the one recorded when it was saved)"
     return None
+
+
+def refuse_fresh_start(run: str | Path) -> None:
+    """Raise RunExistsError when `run` holds checkpoint folders (complete or not), naming the newest
+    and the ways on; nothing is read beyond folder names and markers, nothing is written."""
+    run = Path(run)
+    found = sorted((int(m.group(1)), p) for p in run.glob(f"{CHECKPOINT_PREFIX}*") if (m := _NAME.match(p.name)) and p.is_dir())
+    if not found:
+        return
+    complete = list_checkpoints(run, include_diverged=True)
+    newest = complete[-1] if complete else found[-1][1]
+    what = "newest checkpoint" if complete else "newest checkpoint folder, incomplete"
+    raise RunExistsError(
+        f"{run} already holds a run ({what}: {newest}); a fresh train would rotate its checkpoints and mix its logs: "
+        f"continue it with --resume-from latest, train into a new --output-dir, or add --overwrite to delete that run first"
+    )
+
+
+def clear_run(run: str | Path) -> list[str]:
+    """Delete what a previous train wrote into `run` (checkpoints, logs, recipe, teacher, student,
+    eval); anything else in the folder stays. Returns the names removed."""
+    run, removed = Path(run), []
+    names = (RECIPE_FILE, TEACHER_DIR, STUDENT_DIR, TRAIN_LOG, EVAL_LOG, RESUME_LOG, BEST_FILE, LOGS_DIR, EVAL_DIR)
+    for path in sorted(run.iterdir()) if run.is_dir() else []:
+        if path.name in names or (_NAME.match(path.name) and path.is_dir()):
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            removed.append(path.name)
+    if removed:
+        logger.info("%s: --overwrite removed the previous run's %s", run, ", ".join(removed))
+    return removed
 
 
 def checkpoint_step(path: Path) -> int:
