@@ -181,3 +181,74 @@ def test_onnx_export_passes_parity_and_takes_log_mel_features(tmp_path):
     assert [i.name for i in session.get_inputs()] == ["input_features", "attention_mask"]
     card = (out / "README.md").read_text()
     assert '"input_features": inputs["input_features"]' in card and "computed outside the graph" in card
+
+
+# --- the whole pipeline through the CLI -------------------------------------------------
+
+LOG_MEL = ["student.arch=wav2vec2_bert", "student.preset=w2vbert_tiny"]
+FAST = ["teacher.pca_max_utterances=8", "data.max_crop_seconds=1.0", "training.logging_steps=1", "training.report_to=none"]
+
+
+def _env() -> dict:
+    import os
+
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _cli(*args: str, timeout: int = 300):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "distill", *args], cwd=DEMO.parent.parent.parent, env=_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_train_online_then_export_onnx_and_probe(tmp_path):
+    run, out = tmp_path / "run", tmp_path / "exported"
+    trained = _cli("train", "demo", "--output-dir", str(run), "training.max_steps=3", *LOG_MEL, *FAST)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in log)
+    exported = _cli("export", str(run), str(out), "--onnx")
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    assert json.loads((out / "config.json").read_text())["model_type"] == "wav2vec2-bert"
+    assert json.loads((out / "onnx_parity.json").read_text())["model.onnx"]["passed"]
+    scored = _cli("evaluate", str(run), "--probe-task", "classification:label", "--probe-steps", "5", "--max-items", "8",
+                  "--no-cost")
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    probes = json.loads((run / "eval" / "eval.json").read_text())["probes"]
+    assert "student" in json.dumps(probes)
+
+
+@pytest.mark.slow
+def test_cache_then_killed_and_resumed_training_equals_uninterrupted(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    cache = tmp_path / "cache"
+    made = _cli("cache-targets", "demo", "--out", str(cache), "--shard-size", "16", *FAST)
+    assert made.returncode == 0, made.stderr[-2000:]
+    args = ["train", "demo", f"data.targets_cache={cache}", "training.max_steps=6", "training.save_steps=2",
+            "training.save_total_limit=5", *LOG_MEL, *FAST]
+    full = _cli(*args, "--output-dir", str(tmp_path / "full"))
+    assert full.returncode == 0, full.stderr[-2000:]
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "distill", *args, "--output-dir", str(run)], cwd=DEMO.parent.parent.parent,
+                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (run / "checkpoint-2" / "checkpoint_complete").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = _cli(*args, "--output-dir", str(run), "--resume-from", "latest")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout
+    a, b = (load_file(r / "checkpoint-6" / "model.safetensors") for r in (tmp_path / "full", run))
+    assert a.keys() == b.keys() and any(k.startswith("encoder.encoder.layers.") for k in a)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
