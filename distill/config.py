@@ -63,13 +63,15 @@ class TeacherConfig:
 
 @dataclass
 class StudentConfig:
-    arch: str = "hubert"  # hubert | wavlm | wav2vec2
+    # hubert | wavlm | wav2vec2 (raw audio, conv front-end) | wav2vec2_bert (log-mel Conformer,
+    # the w2vbert_* presets: a fraction of the CPU time, README "Students")
+    arch: str = "hubert"
     preset: Optional[str] = None  # a name from students.presets.PRESETS
     num_hidden_layers: Optional[int] = None
     hidden_size: Optional[int] = None
     num_attention_heads: Optional[int] = None
     intermediate_size: Optional[int] = None
-    conv_dim: Optional[list[int]] = None
+    conv_dim: Optional[list[int]] = None  # raw-audio archs only
     feat_extract_norm: Optional[str] = None  # "layer" is batch-invariant with attention_mask
     init_from_upstream: Optional[int] = None  # index into teacher.upstreams, when shapes match
     head_mode: str = "predict"  # predict (DistilHuBERT) | layer_to_layer (FitHuBERT)

@@ -1,6 +1,10 @@
 """Build the student encoder: a stock transformers config and model, optionally initialised
 from an upstream of the same family (DistilHuBERT copies the CNN, projection, positional conv
 and the first transformer layers from its teacher).
+
+Architectures: `hubert`, `wavlm`, `wav2vec2` read raw audio through a conv front-end and share
+the HuBERT presets; `wav2vec2_bert` (Wav2Vec2BertModel, a Conformer) reads log-mel features and
+takes the `w2vbert_*` presets.
 """
 
 from __future__ import annotations
@@ -9,13 +13,17 @@ from dataclasses import fields
 from typing import Any
 
 import torch
-from transformers import AutoModel, HubertConfig, PretrainedConfig, PreTrainedModel, Wav2Vec2Config, WavLMConfig
+from transformers import (AutoModel, HubertConfig, PretrainedConfig, PreTrainedModel, Wav2Vec2BertConfig, Wav2Vec2Config,
+                          WavLMConfig)
 
 from .presets import PRESETS
 
 __all__ = ["ARCHS", "build_student_config", "build_student", "init_from_upstream"]
 
-ARCHS: dict[str, type[PretrainedConfig]] = {"hubert": HubertConfig, "wavlm": WavLMConfig, "wav2vec2": Wav2Vec2Config}
+ARCHS: dict[str, type[PretrainedConfig]] = {
+    "hubert": HubertConfig, "wavlm": WavLMConfig, "wav2vec2": Wav2Vec2Config, "wav2vec2_bert": Wav2Vec2BertConfig,
+}
+LOG_MEL_ARCHS = ("wav2vec2_bert",)
 
 # What a (Hubert-shaped) preset carries over to any of the three architectures.
 _SHARED_FIELDS = (
@@ -55,24 +63,31 @@ _HUBERT_ONLY_FIELDS = ("feat_proj_layer_norm", "conv_pos_batch_norm")
 # defaults as the presets: no layerdrop, no SpecAugment masking of the inputs to be matched
 # (and so no masked_spec_embed parameter).
 _DISTILL_DEFAULTS = {"layerdrop": 0.0, "apply_spec_augment": False, "mask_time_prob": 0.0}
+# The stock Wav2Vec2BertConfig is the 600M w2v-BERT 2.0 with relative_key positions; a student
+# without a preset keeps its shape but takes rotary positions (relative_key is slow on long inputs).
+_LOG_MEL_DEFAULTS = {**_DISTILL_DEFAULTS, "position_embeddings_type": "rotary"}
 
 # Modules copied by init_from_upstream, before the first `num_layers` encoder layers.
 _FRONT_END_MODULES = ("feature_extractor", "feature_projection", "encoder.pos_conv_embed", "encoder.layer_norm")
 
 
 def build_student_config(arch: str = "hubert", preset: str | None = None, **overrides: Any) -> PretrainedConfig:
-    """A stock HubertConfig / WavLMConfig / Wav2Vec2Config for the student.
+    """A stock HubertConfig / WavLMConfig / Wav2Vec2Config / Wav2Vec2BertConfig for the student.
 
     Args:
-        arch: "hubert", "wavlm" or "wav2vec2".
-        preset: a name from `students.presets.PRESETS`; None starts from the stock base config.
+        arch: "hubert", "wavlm", "wav2vec2" (raw audio) or "wav2vec2_bert" (log-mel features).
+        preset: a name from `students.presets.PRESETS` of the arch's family; None starts from
+            the stock config.
         overrides: config fields (the recipe's `student:` keys); None values are ignored so a
             recipe's unset optional fields can be passed straight through.
     """
     if arch not in ARCHS:
         raise ValueError(f"student.arch={arch!r}: expected one of {', '.join(ARCHS)}")
     config_class = ARCHS[arch]
-    values = dict(_DISTILL_DEFAULTS) if preset is None else _preset_values(preset, arch)
+    if preset is None:
+        values = dict(_LOG_MEL_DEFAULTS if arch in LOG_MEL_ARCHS else _DISTILL_DEFAULTS)
+    else:
+        values = _preset_values(preset, arch)
     overrides = {key: _plain(value) for key, value in overrides.items() if value is not None}
     known = {f.name for f in fields(config_class)}
     for key in overrides:
@@ -87,7 +102,7 @@ def build_student_config(arch: str = "hubert", preset: str | None = None, **over
 
 
 def build_student(config: PretrainedConfig) -> PreTrainedModel:
-    """A randomly initialised stock encoder (HubertModel, WavLMModel or Wav2Vec2Model)."""
+    """A randomly initialised stock encoder (HubertModel, WavLMModel, Wav2Vec2Model or Wav2Vec2BertModel)."""
     return AutoModel.from_config(config)
 
 
@@ -126,6 +141,14 @@ def _preset_values(preset: str, arch: str) -> dict[str, Any]:
     if preset not in PRESETS:
         raise ValueError(f"student.preset={preset!r}: expected one of {', '.join(PRESETS)}")
     config = PRESETS[preset]()
+    log_mel_preset = isinstance(config, Wav2Vec2BertConfig)
+    if log_mel_preset != (arch in LOG_MEL_ARCHS):
+        family = "wav2vec2_bert" if log_mel_preset else "hubert, wavlm or wav2vec2"
+        raise ValueError(f"student.preset={preset!r} is a {family} preset; student.arch={arch!r} does not take it")
+    if log_mel_preset:
+        # Only the overridden fields differ from the stock config, so to_diff_dict carries the preset.
+        return {key: _plain(value) for key, value in config.to_diff_dict().items() if key in config.to_dict()
+                and key not in ("model_type", "transformers_version")}
     names = _SHARED_FIELDS + (_HUBERT_ONLY_FIELDS if arch == "hubert" else ())
     return {name: _plain(getattr(config, name)) for name in names}
 
@@ -138,8 +161,10 @@ def _plain(value: Any) -> Any:
 def _check_conv_dim(values: dict[str, Any], config_class: type[PretrainedConfig]) -> None:
     # Checked before the config is built: its own check raises a multi-line message.
     conv_dim = values.get("conv_dim")
+    if conv_dim is None:
+        return
     expected = len(values.get("conv_kernel", config_class.conv_kernel))
-    if conv_dim is not None and len(conv_dim) != expected:
+    if len(conv_dim) != expected:
         raise ValueError(
             f"student.conv_dim has {len(conv_dim)} entries, expected {expected} (one per conv layer; "
             "the kernels/strides fix the frame grid)"
@@ -152,7 +177,7 @@ def _check_config(config: PretrainedConfig) -> None:
             f"student.hidden_size={config.hidden_size} is not divisible by "
             f"student.num_attention_heads={config.num_attention_heads}"
         )
-    if config.feat_extract_norm not in ("group", "layer"):
+    if getattr(config, "feat_extract_norm", "layer") not in ("group", "layer"):
         raise ValueError(f"student.feat_extract_norm={config.feat_extract_norm!r}: expected group or layer")
 
 

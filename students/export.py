@@ -1,9 +1,10 @@
 """Export the student encoder as a plain Hugging Face model folder, and upload that folder.
 
 The folder holds config.json (native model_type), model.safetensors, preprocessor_config.json
-(Wav2Vec2FeatureExtractor) and a README.md model card: `AutoModel`, `AutoModelForCTC` and
-`AutoModelForAudioClassification` load it with no custom code. The export is reloaded with
-plain `AutoModel` and checked key by key before it is returned.
+(Wav2Vec2FeatureExtractor for raw-waveform students, SeamlessM4TFeatureExtractor for log-mel
+ones: students.frontend.make_feature_extractor) and a README.md model card: `AutoModel`,
+`AutoModelForCTC` and `AutoModelForAudioClassification` load it with no custom code. The
+export is reloaded with plain `AutoModel` and checked key by key before it is returned.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from typing import Any, Mapping, Sequence
 import torch
 import yaml
 from huggingface_hub import HfApi, ModelCard, ModelCardData
-from transformers import AutoModel, PreTrainedModel, Wav2Vec2FeatureExtractor
+from transformers import AutoFeatureExtractor, AutoModel, PreTrainedModel
+
+from .frontend import input_names, is_log_mel, make_feature_extractor, num_frames, padding_invariant
 
 from .onnx import (FP32_TOLERANCE, INT8_FILE, INT8_MIN_COSINE, ONNX_FILE, PARITY_FILE, ParityError, ParityReport,
                    check_parity, export_onnx, quantize_int8, require_onnx, write_parity)
@@ -32,7 +35,7 @@ _TAGS = ["audio", "speech", "feature-extraction", "distillation", "fusion-distil
 _FILE_NOTES = {
     "config.json": "model configuration (native `model_type`: `AutoModel` loads it)",
     "model.safetensors": "PyTorch weights",
-    "preprocessor_config.json": "`Wav2Vec2FeatureExtractor` settings (normalisation, attention mask)",
+    "preprocessor_config.json": "feature extractor settings (`AutoFeatureExtractor` loads them)",
     "README.md": "this card",
     ONNX_FILE: "ONNX graph, fp32: runs under ONNX Runtime without PyTorch",
     INT8_FILE: "ONNX graph, dynamic int8 (int8 MatMul weights; convolutions stay fp32)",
@@ -65,7 +68,7 @@ def export_student(encoder: PreTrainedModel, out_dir: str | Path, card_data: Map
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     encoder.save_pretrained(out)
-    make_feature_extractor(encoder.config.feat_extract_norm).save_pretrained(out)
+    make_feature_extractor(encoder.config).save_pretrained(out)
     make_model_card(encoder, dict(card_data or {})).save(out / "README.md")
     _verify_export(out, encoder)
     return out
@@ -94,21 +97,6 @@ def push_to_hub(
     return str(url)
 
 
-def make_feature_extractor(feat_extract_norm: str) -> Wav2Vec2FeatureExtractor:
-    """The preprocessor that DistillStudent's normalisation reproduces.
-
-    Following the wav2vec2 convention, group-norm models are fed without an attention mask
-    (they were trained on unpadded crops); layer-norm models use it.
-    """
-    return Wav2Vec2FeatureExtractor(
-        feature_size=1,
-        sampling_rate=SAMPLING_RATE,
-        padding_value=0.0,
-        do_normalize=True,
-        return_attention_mask=feat_extract_norm == "layer",
-    )
-
-
 def make_model_card(encoder: PreTrainedModel, card_data: dict[str, Any]) -> ModelCard:
     """A huggingface_hub ModelCard: metadata, distillation facts, loading and fine-tuning code."""
     metadata = ModelCardData(
@@ -121,7 +109,7 @@ def make_model_card(encoder: PreTrainedModel, card_data: dict[str, Any]) -> Mode
     sections = [
         _overview(encoder, card_data),
         _distillation_section(card_data),
-        _usage_section(card_data.get("repo_id") or _DEFAULT_MODEL_ID, encoder.config.feat_extract_norm),
+        _usage_section(card_data.get("repo_id") or _DEFAULT_MODEL_ID, _batching_note(encoder.config)),
         files_section(EXPORT_FILES),
         _recipe_section(card_data.get("recipe")),
     ]
@@ -148,9 +136,26 @@ def _overview(encoder: PreTrainedModel, card_data: dict[str, Any]) -> str:
         f"- Parameters: {params:,} ({params / 1e6:.2f}M)\n"
         f"- Layers: {config.num_hidden_layers}, hidden size {config.hidden_size}, "
         f"{config.num_attention_heads} heads, FFN {config.intermediate_size}\n"
-        f"- Conv front-end: {list(config.conv_dim)} channels, `feat_extract_norm={config.feat_extract_norm}`; "
-        f"{SAMPLING_RATE // 320} frames per second of 16 kHz audio"
+        f"- {_front_end(config)}; {SAMPLING_RATE // 320} frames per second of 16 kHz audio"
     )
+
+
+def _front_end(config: Any) -> str:
+    if is_log_mel(config):
+        return (f"Log-mel front-end: 80 Kaldi filterbanks every 10 ms stacked by two (`SeamlessM4TFeatureExtractor`), "
+                f"Conformer layers with `{config.position_embeddings_type}` positions and depthwise kernel "
+                f"{config.conv_depthwise_kernel_size}")
+    return f"Conv front-end: {list(config.conv_dim)} channels, `feat_extract_norm={config.feat_extract_norm}`"
+
+
+def _batching_note(config: Any) -> str:
+    if is_log_mel(config):
+        return ("Batches: pass the feature extractor's `attention_mask` (features are normalised per utterance, "
+                "padding is masked). Distillation counted a final half-filled 20 ms frame as valid, which the "
+                "extractor's mask leaves out; the features are the same.")
+    if config.feat_extract_norm == "layer":
+        return "Batches: pass the feature extractor's `attention_mask` (layer-norm front-end, padding-invariant)."
+    return "Batches: this group-norm model was trained without padding; prefer equal-length or single inputs."
 
 
 def _distillation_section(card_data: dict[str, Any]) -> str:
@@ -173,20 +178,15 @@ def _distillation_section(card_data: dict[str, Any]) -> str:
     return "\n".join(lines) if len(lines) > 1 else ""
 
 
-def _usage_section(model_id: str, feat_extract_norm: str) -> str:
-    mask_note = (
-        "Batches: pass the feature extractor's `attention_mask` (layer-norm front-end, padding-invariant)."
-        if feat_extract_norm == "layer"
-        else "Batches: this group-norm model was trained without padding; prefer equal-length or single inputs."
-    )
+def _usage_section(model_id: str, mask_note: str) -> str:
     return f"""## How to use
 
 ```python
 import torch
-from transformers import AutoModel, Wav2Vec2FeatureExtractor
+from transformers import AutoFeatureExtractor, AutoModel
 
 model = AutoModel.from_pretrained("{model_id}")
-feature_extractor = Wav2Vec2FeatureExtractor.from_pretrained("{model_id}")
+feature_extractor = AutoFeatureExtractor.from_pretrained("{model_id}")
 audio = torch.randn(16000).numpy()  # 1 s of mono 16 kHz audio
 inputs = feature_extractor(audio, sampling_rate=16000, return_tensors="pt")
 with torch.no_grad():
@@ -219,20 +219,25 @@ def files_section(names: Sequence[str]) -> str:
     return "\n".join([_FILES_BLOCK[0], "## Files\n", "| file | what |", "|---|---|", *rows, _FILES_BLOCK[1]])
 
 
-def onnx_section(model_id: str, reports: Sequence[ParityReport], feat_extract_norm: str) -> str:
+def onnx_section(model_id: str, reports: Sequence[ParityReport], config: Any) -> str:
     """The card's ONNX part: how to run the graph with onnxruntime, and the parity figures."""
     fp32 = reports[0]
+    first = input_names(config)[0]
+    takes = ("`input_features` (batch, frames, 160; float32, the feature extractor's log-mel filterbanks, which "
+             "are computed outside the graph) and `attention_mask` (batch, frames; int64)" if is_log_mel(config) else
+             "`input_values` (batch, samples; float32, normalised by the feature extractor) and "
+             "`attention_mask` (batch, samples; int64)")
+    invariant = padding_invariant(config)
     lines = [
         _ONNX_BLOCK[0], "## ONNX Runtime\n",
-        f"`{ONNX_FILE}` takes `input_values` (batch, samples; float32, normalised by the feature extractor) and "
-        "`attention_mask` (batch, samples; int64) and returns `last_hidden_state` and `hidden_state_0` ... "
+        f"`{ONNX_FILE}` takes {takes} and returns `last_hidden_state` and `hidden_state_0` ... "
         "`hidden_state_L` (batch, frames, hidden), as `output_hidden_states=True` does in PyTorch. Batch and "
         "time are dynamic. No PyTorch needed: `pip install onnxruntime transformers`."
         + (f" `{INT8_FILE}` has the same inputs and outputs." if len(reports) > 1 else ""),
         "",
-        _onnx_code(model_id),
+        _onnx_code(model_id, first),
         "",
-        "Group-norm front-end: run utterances one by one (an all-ones mask)." if feat_extract_norm != "layer" else
+        "Group-norm front-end: run utterances one by one (an all-ones mask)." if not invariant else
         "Batches: pad with the feature extractor and pass its `attention_mask`.",
         "\n### Parity with PyTorch\n",
         f"Every output compared with the PyTorch model on {len(fp32.lengths)} utterances ({fp32.source}; "
@@ -250,22 +255,22 @@ def onnx_section(model_id: str, reports: Sequence[ParityReport], feat_extract_no
     return "\n".join(lines)
 
 
-def _onnx_code(model_id: str) -> str:
+def _onnx_code(model_id: str, first_input: str) -> str:
     local = model_id == _DEFAULT_MODEL_ID
     fetch = (f'onnx_path = "{model_id}/{ONNX_FILE}"' if local else
              f'onnx_path = hf_hub_download("{model_id}", "{ONNX_FILE}")  # or "{INT8_FILE}"')
     return f"""```python
 import numpy as np
 import onnxruntime as ort
-{"" if local else "from huggingface_hub import hf_hub_download" + chr(10)}from transformers import Wav2Vec2FeatureExtractor
+{"" if local else "from huggingface_hub import hf_hub_download" + chr(10)}from transformers import AutoFeatureExtractor
 
 {fetch}
 session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
-feature_extractor = Wav2Vec2FeatureExtractor.from_pretrained("{model_id}")
+feature_extractor = AutoFeatureExtractor.from_pretrained("{model_id}")
 audio = np.random.randn(16000).astype(np.float32)  # 1 s of mono 16 kHz audio
 inputs = feature_extractor(audio, sampling_rate=16000, return_tensors="np", return_attention_mask=True)
 last_hidden_state, *hidden_states = session.run(None, {{
-    "input_values": inputs["input_values"].astype(np.float32),
+    "{first_input}": inputs["{first_input}"].astype(np.float32),
     "attention_mask": inputs["attention_mask"].astype(np.int64),
 }})
 ```"""
@@ -311,8 +316,7 @@ def add_onnx(
     text = card_path.read_text() if card_path.is_file() else ""
     present = [name for name in _FILE_NOTES if (folder / name).is_file()]
     present += sorted(p.name for p in folder.iterdir() if p.is_file() and p.name not in _FILE_NOTES)
-    blocks = files_section(present) + "\n\n" + onnx_section(repo_id or _DEFAULT_MODEL_ID, reports,
-                                                               encoder.config.feat_extract_norm)
+    blocks = files_section(present) + "\n\n" + onnx_section(repo_id or _DEFAULT_MODEL_ID, reports, encoder.config)
     card_path.write_text(_replace_blocks(text, blocks))
     return reports
 
@@ -373,11 +377,14 @@ def _check_same_state(saved: dict[str, torch.Tensor], loaded: dict[str, torch.Te
 def _smoke_test(out: Path, model: PreTrainedModel) -> None:
     generator = torch.Generator().manual_seed(0)
     audio = torch.zeros(SAMPLING_RATE) + 1e-3 * torch.randn(SAMPLING_RATE, generator=generator)
-    feature_extractor = Wav2Vec2FeatureExtractor.from_pretrained(out)
+    feature_extractor = AutoFeatureExtractor.from_pretrained(out)
+    if type(feature_extractor) is not type(make_feature_extractor(model.config)):
+        raise RuntimeError(f"export_student: {out} has a {type(feature_extractor).__name__}, not what the model reads")
     inputs = feature_extractor(audio.numpy(), sampling_rate=SAMPLING_RATE, return_tensors="pt")
-    inputs["input_values"] = inputs["input_values"].to(model.dtype)
+    first = input_names(model)[0]
+    inputs[first] = inputs[first].to(model.dtype)
     with torch.no_grad():
         hidden = model.eval()(**inputs).last_hidden_state
-    expected = (1, int(model._get_feat_extract_output_lengths(SAMPLING_RATE)), model.config.hidden_size)
+    expected = (1, int(num_frames(model.config, SAMPLING_RATE)), model.config.hidden_size)
     if tuple(hidden.shape) != expected or not torch.isfinite(hidden).all():
         raise RuntimeError(f"export_student: smoke test on {out} gave {tuple(hidden.shape)} (expected {expected}) or non-finite values")

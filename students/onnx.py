@@ -1,10 +1,15 @@
 """The student as ONNX: export with the torch.onnx (dynamo) exporter, int8 with ONNX Runtime's
 dynamic quantisation, and a parity check of every output against the PyTorch encoder.
 
-Graph: inputs `input_values` (batch, samples) float32, normalised as the folder's
-Wav2Vec2FeatureExtractor does, and `attention_mask` (batch, samples) int64; outputs
-`last_hidden_state` and `hidden_state_0` ... `hidden_state_L` (batch, frames, hidden), the HF
-`hidden_states` tuple (0 = pre-transformer features). Batch and time are dynamic.
+Graph: the inputs of the HF model, computed outside the graph by the folder's feature extractor
+(students.frontend: what `make_feature_extractor` writes and `encoder_inputs` reproduces):
+- raw-waveform students: `input_values` (batch, samples) float32, normalised as
+  Wav2Vec2FeatureExtractor does, and `attention_mask` (batch, samples) int64;
+- log-mel students: `input_features` (batch, frames, 160) float32, the stacked filterbanks of
+  SeamlessM4TFeatureExtractor, and `attention_mask` (batch, frames) int64. The filterbank is NOT
+  in the graph: an ONNX user runs the folder's extractor (numpy), as for every HF speech model.
+Outputs: `last_hidden_state` and `hidden_state_0` ... `hidden_state_L` (batch, frames, hidden),
+the HF `hidden_states` tuple (0 = pre-transformer features). Batch and time are dynamic.
 
 Why the dynamo exporter: on torch 2.13 the legacy TorchScript exporter (`dynamo=False`) traces
 transformers' attention-mask code into constants and gives a graph that is off by ~3 (max abs)
@@ -30,7 +35,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from .student import normalize_waveforms
+from .frontend import encoder_inputs, input_names, is_log_mel, padding_invariant
 
 __all__ = [
     "ONNX_FILE", "INT8_FILE", "PARITY_FILE", "INPUT_NAMES", "FP32_TOLERANCE", "INT8_MIN_COSINE", "ONNX_EXTRA_HINT",
@@ -41,7 +46,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 ONNX_FILE, INT8_FILE, PARITY_FILE = "model.onnx", "model_int8.onnx", "onnx_parity.json"
-INPUT_NAMES = ("input_values", "attention_mask")
+INPUT_NAMES = ("input_values", "attention_mask")  # raw-waveform students; log-mel: frontend.input_names
 FP32_TOLERANCE = 1e-4  # max abs, every output: fp32 kernels differ in summation order only
 INT8_MIN_COSINE = 0.99  # mean cosine, every output: below it int8 costs visible task score
 ONNX_EXTRA_HINT = 'ONNX export needs the onnx extra: pip install -e ".[onnx]" (onnx, onnxscript, onnxruntime)'
@@ -72,10 +77,21 @@ class _AllOutputs(nn.Module):
     def __init__(self, encoder: PreTrainedModel) -> None:
         super().__init__()
         self.encoder = encoder
+        self.input_name = input_names(encoder)[0]
 
-    def forward(self, input_values: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = self.encoder(input_values, attention_mask=attention_mask, output_hidden_states=True)
+    def forward(self, inputs: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.encoder(**{self.input_name: inputs}, attention_mask=attention_mask, output_hidden_states=True)
         return (out.last_hidden_state, *out.hidden_states)
+
+
+def _reset_rotary_cache(encoder: nn.Module) -> None:
+    # Wav2Vec2Bert's rotary embedding caches its table per sequence length in plain attributes:
+    # traced, a cached table would become a constant of one length (and the trace would leave a
+    # symbolic one behind in the eager model), so it is cleared before and after export.
+    for module in encoder.modules():
+        if hasattr(module, "cached_rotary_positional_embedding"):
+            module.cached_sequence_length = None
+            module.cached_rotary_positional_embedding = None
 
 
 def export_onnx(encoder: PreTrainedModel, path: str | Path) -> Path:
@@ -88,22 +104,27 @@ def export_onnx(encoder: PreTrainedModel, path: str | Path) -> Path:
     # Batch 2 and a padded second row: torch.export specialises size-1 dims, and the mask path
     # must be traced as general code, not as "no padding".
     samples = 2 * _SAMPLING_RATE
-    example = torch.randn(2, samples, generator=torch.Generator().manual_seed(0))
-    mask = torch.ones(2, samples, dtype=torch.long)
-    mask[1, samples // 2:] = 0
+    waves = torch.randn(2, samples, generator=torch.Generator().manual_seed(0))
+    fed = encoder_inputs(encoder.config, waves, torch.tensor([samples, samples // 2]))
+    names = input_names(encoder)
+    example = tuple(fed.inputs[name] for name in names)
     batch = torch.export.Dim("batch", min=1, max=1024)
-    # >= one receptive field (400 samples) gives >= 1 frame; the upper bound is only a guard.
-    time = torch.export.Dim("samples", min=400, max=_SAMPLING_RATE * 3600)
+    if is_log_mel(encoder):  # one hour of 20 ms frames; the upper bound is only a guard
+        time = torch.export.Dim("frames", min=2, max=50 * 3600)
+    else:  # >= one receptive field (400 samples) gives >= 1 frame
+        time = torch.export.Dim("samples", min=400, max=_SAMPLING_RATE * 3600)
+    _reset_rotary_cache(encoder)
     try:
         with _quiet_exporter():
             program = torch.onnx.export(
-                _AllOutputs(encoder).eval(), (example, mask), dynamo=True, opset_version=_OPSET,
-                input_names=list(INPUT_NAMES), output_names=onnx_output_names(encoder.config.num_hidden_layers),
-                dynamic_shapes={"input_values": {0: batch, 1: time}, "attention_mask": {0: batch, 1: time}},
+                _AllOutputs(encoder).eval(), example, dynamo=True, opset_version=_OPSET,
+                input_names=list(names), output_names=onnx_output_names(encoder.config.num_hidden_layers),
+                dynamic_shapes={"inputs": {0: batch, 1: time}, "attention_mask": {0: batch, 1: time}},
                 verbose=False,
             )
             program.save(str(path))
     finally:
+        _reset_rotary_cache(encoder)
         encoder.to(dtype).train(was_training)
     return path
 
@@ -159,11 +180,13 @@ def onnx_session(path: str | Path, threads: int = 1) -> Any:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def run_onnx(session: Any, input_values: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, np.ndarray]:
-    """Run a session on already normalised `input_values` (B, S); a missing mask means no padding."""
+def run_onnx(session: Any, inputs: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, np.ndarray]:
+    """Run a session on its first input, already prepared (`input_values` (B, S) normalised, or
+    `input_features` (B, T, 160)); a missing mask means no padding."""
     if attention_mask is None:
-        attention_mask = torch.ones(input_values.shape, dtype=torch.long)
-    feeds = {"input_values": input_values.float().numpy(), "attention_mask": attention_mask.long().numpy()}
+        attention_mask = torch.ones(inputs.shape[:2], dtype=torch.long)
+    first, mask_name = (i.name for i in session.get_inputs())
+    feeds = {first: inputs.float().cpu().numpy(), mask_name: attention_mask.long().cpu().numpy()}
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, feeds)))
 
@@ -232,9 +255,10 @@ def check_parity(
 ) -> ParityReport:
     """Compare every ONNX output with the PyTorch encoder's on raw 16 kHz `waveforms` (1-D each).
 
-    Each waveform runs alone (no padding); for a layer-norm front-end, whose output does not
-    depend on zero padding under the attention mask, all of them also run as one padded batch,
-    which exercises the mask path of the graph. Only valid frames are compared.
+    Both get the inputs of `students.frontend.encoder_inputs`. Each waveform runs alone (no
+    padding); for a layer-norm or log-mel front-end, whose output does not depend on zero padding
+    under the attention mask, all of them also run as one padded batch, which exercises the mask
+    path of the graph. Only valid frames are compared.
     """
     if not waveforms:
         raise ValueError("check_parity: no waveforms")
@@ -244,7 +268,7 @@ def check_parity(
     if graph_names != names:
         raise ParityError(f"{onnx_path}: outputs {graph_names}, expected {names}")
     param = next(encoder.parameters())
-    padded = encoder.config.feat_extract_norm == "layer" and len(waveforms) > 1
+    padded = padding_invariant(encoder) and len(waveforms) > 1
     runs = [[w] for w in waveforms] + ([list(waveforms)] if padded else [])
     worst = {name: 0.0 for name in names}
     cos_sum, frames = {name: 0.0 for name in names}, 0
@@ -256,11 +280,12 @@ def check_parity(
             padded_waves = torch.zeros(len(run), int(lengths.max()))
             for b, w in enumerate(run):
                 padded_waves[b, : w.numel()] = w.float()
-            inputs, mask = normalize_waveforms(padded_waves, lengths)
+            fed = encoder_inputs(encoder.config, padded_waves, lengths)
+            inputs, mask = (fed.inputs[name] for name in input_names(encoder))
             with torch.no_grad():
                 ref = _AllOutputs(encoder)(inputs.to(param.device, param.dtype), mask.to(param.device))
             got = run_onnx(session, inputs, mask)
-            valid = encoder._get_feat_extract_output_lengths(lengths).tolist()
+            valid = fed.frame_lengths.tolist()
             for name, expected in zip(names, ref):
                 expected = expected.float().cpu()
                 actual = torch.from_numpy(got[name])

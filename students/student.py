@@ -8,12 +8,10 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from .frontend import encoder_inputs, normalize_waveforms
 from .heads import PredictionHeads
 
 __all__ = ["StudentOutput", "DistillStudent", "normalize_waveforms"]
-
-# Wav2Vec2FeatureExtractor.zero_mean_unit_var_norm adds this to the variance.
-_NORM_EPS = 1e-7
 
 
 @dataclass
@@ -32,30 +30,8 @@ class StudentOutput:
     hidden_states: tuple[torch.Tensor, ...]
 
 
-def normalize_waveforms(waveforms: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero mean / unit variance per item over its valid samples; padding set to 0.
-
-    Matches `Wav2Vec2FeatureExtractor(do_normalize=True)` applied to each unpadded waveform
-    (population variance, eps 1e-7), so training sees what the exported preprocessor produces.
-
-    Args:
-        waveforms: (B, S) float, zero- or otherwise padded after lengths[b] samples.
-        lengths: (B,) valid samples per item.
-    Returns:
-        (normalised (B, S) in the input dtype, sample mask (B, S) long).
-    """
-    mask = torch.arange(waveforms.shape[1], device=waveforms.device)[None, :] < lengths[:, None]
-    # float64 statistics: a float32 sum over minutes of audio drifts from numpy's pairwise sum.
-    x = waveforms.double().masked_fill(~mask, 0.0)
-    count = lengths.clamp(min=1).double()[:, None]
-    mean = x.sum(dim=1, keepdim=True) / count
-    var = ((x - mean).masked_fill(~mask, 0.0) ** 2).sum(dim=1, keepdim=True) / count
-    normed = ((x - mean) / torch.sqrt(var + _NORM_EPS)).masked_fill(~mask, 0.0)
-    return normed.to(waveforms.dtype), mask.long()
-
-
 class DistillStudent(nn.Module):
-    """`encoder` (a stock HubertModel / WavLMModel / Wav2Vec2Model) and `heads`, side by side.
+    """`encoder` (a stock HubertModel / WavLMModel / Wav2Vec2Model / Wav2Vec2BertModel) and `heads`.
 
     Only `encoder` is exported; keeping the heads out of it keeps the export a plain HF model.
     """
@@ -68,14 +44,17 @@ class DistillStudent(nn.Module):
         self.heads = heads
 
     def forward(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> StudentOutput:
-        """waveforms: (B, S) raw 16 kHz audio, padded after lengths[b]; lengths: (B,) long samples."""
-        if waveforms.dim() != 2 or lengths.shape != waveforms.shape[:1]:
-            raise ValueError(f"expected waveforms (B, S) and lengths (B,), got {tuple(waveforms.shape)} and {tuple(lengths.shape)}")
-        input_values, attention_mask = normalize_waveforms(waveforms, lengths)
-        # The mask is always passed: with a layer-norm front-end it makes every item's valid frames
-        # independent of the padding. Group-norm students should get equal-length crops.
-        out = self.encoder(input_values, attention_mask=attention_mask, output_hidden_states=True, return_dict=True)
-        frame_lengths = self.encoder._get_feat_extract_output_lengths(lengths).long()
+        """waveforms: (B, S) raw 16 kHz audio, padded after lengths[b]; lengths: (B,) long samples.
+
+        The encoder's inputs (normalised audio or log-mel features) are computed here, batched on
+        the waveforms' device, by `students.frontend.encoder_inputs`.
+        """
+        fed = encoder_inputs(self.encoder.config, waveforms, lengths)
+        # The mask is always passed: with a layer-norm front-end (and for log-mel features) it makes
+        # every item's valid frames independent of the padding. Group-norm students should get
+        # equal-length crops.
+        out = self.encoder(**fed.inputs, output_hidden_states=True, return_dict=True)
+        frame_lengths = fed.frame_lengths.long()
         return StudentOutput(
             predictions=self.heads(out.hidden_states),
             lengths=frame_lengths,

@@ -60,6 +60,34 @@ def test_config_errors_are_one_line(tmp_path):
         load_config(bad)
 
 
+def test_student_arch_key_gives_a_log_mel_recipe_of_equal_size(tmp_path):
+    import torch
+
+    from benchmarks.mini_superb.recipes import recipe
+    from benchmarks.mini_superb.sweep import points
+    from distill.build import student_config
+    from distill.config import RecipeConfig
+    from omegaconf import OmegaConf
+    from students import build_student
+
+    def params(cfg) -> int:
+        body = recipe(cfg, tmp_path, [tmp_path / "a", tmp_path / "b"], tmp_path / "run")
+        recipe_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RecipeConfig), body))
+        with torch.device("meta"):
+            model = build_student(student_config(recipe_cfg))
+        return type(model).__name__, sum(p.numel() for p in model.parameters())
+
+    hubert = load_config()
+    log_mel = load_config(overrides=["student.arch=wav2vec2_bert", "student.intermediate_size=128",
+                                     "sweep.sizes={xs: {hidden_size: 32, num_hidden_layers: 1}}"])
+    assert params(hubert)[0] == "HubertModel" and params(log_mel)[0] == "Wav2Vec2BertModel"
+    assert abs(params(log_mel)[1] - params(hubert)[1]) / params(hubert)[1] < 0.02  # 0.47M both
+    [(tag, size)] = [p for p in points(log_mel) if p[0].startswith("size-")]
+    assert size.student.arch == "wav2vec2_bert" and params(size)[0] == "Wav2Vec2BertModel"
+    with pytest.raises(BenchmarkConfigError, match=r"student\.arch='conformer': expected one of hubert, wav2vec2_bert"):
+        load_config(overrides=["student.arch=conformer"])
+
+
 def test_real_config_fuses_pretrained_whisper_with_the_default_speaker_upstream(tmp_path):
     from benchmarks.mini_superb.upstreams import upstream_folder
 

@@ -10,6 +10,7 @@ from transformers import AutoModel, HubertConfig, Wav2Vec2FeatureExtractor
 
 from students import (
     ARCHS,
+    LOG_MEL_ARCHS,
     PRESETS,
     DistillStudent,
     PredictionHeads,
@@ -31,7 +32,7 @@ def tiny_student(**overrides):
 # --- presets and configs ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("name", sorted(n for n in PRESETS if not n.startswith("w2vbert_")))
 def test_presets_are_stock_hubert_configs_on_the_wav2vec_grid(name):
     config = PRESETS[name]()
     assert type(config) is HubertConfig
@@ -59,7 +60,7 @@ def test_distilhubert_preset_keeps_the_original_front_end():
     assert list(config.conv_dim) == [512] * 7 and config.feat_extract_norm == "group"
 
 
-@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("arch", sorted(set(ARCHS) - set(LOG_MEL_ARCHS)))
 def test_preset_maps_onto_each_arch(arch):
     config = build_student_config(arch, "hubert_4l_384_conv256")
     assert type(config) is ARCHS[arch] and config.model_type == arch

@@ -129,12 +129,13 @@ def _corpus_with_nan_files(root: Path, count: int = 16) -> Path:
     return data
 
 
-@pytest.mark.parametrize("data", ["map-style", "streaming", "unreadable"])
+@pytest.mark.parametrize("data", ["map-style", "streaming", "unreadable", "log-mel student"])
 def test_two_cpu_processes_end_with_identical_weights(tmp_path, data):
     overrides = {
         "map-style": [],
         "streaming": ["data.streaming=true"],
         "unreadable": [f"data.dataset_name={_corpus_with_nan_files(tmp_path)}"],
+        "log-mel student": ["student.arch=wav2vec2_bert", "student.preset=w2vbert_tiny"],
     }[data]
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
     result = subprocess.run(

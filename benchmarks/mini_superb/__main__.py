@@ -4,6 +4,7 @@
     python -m benchmarks.mini_superb --config benchmarks/mini_superb/alt.yaml --out runs/mini_alt
     python -m benchmarks.mini_superb --quick --out runs/mini_quick          # same path, tiny, minutes
     python -m benchmarks.mini_superb --attempts --out runs/mini_superb      # then: attempts to move (b)'s boundary
+    python -m benchmarks.mini_superb --student-arch wav2vec2_bert --set student.intermediate_size=128 --out runs/mini_logmel
 
 Stages (each reuses what a previous run left, keyed by config hashes): synthesise the corpus with
 espeak-ng; train the upstreams (default: phoneme CTC HuBERT, speaker-ID WavLM) and save them like
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 
 from .attempts import run_attempts
-from .config import BenchmarkConfig, config_hash, load_config
+from .config import STUDENT_ARCHS, BenchmarkConfig, config_hash, load_config
 from .corpus import build_corpus, corpus_identity
 from .recipes import recipe, write_recipe
 from .report import criteria, markdown, mean_value, plot
@@ -203,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", type=Path, help="corpus and trained upstreams (default: OUT/../mini_superb_cache)")
     parser.add_argument("--quick", action="store_true", help="tiny corpus and budgets: checks the pipeline, not the scores")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
+    parser.add_argument("--student-arch", choices=STUDENT_ARCHS,
+                        help="the students' family (same as --set student.arch=ARCH): hubert (raw audio, conv front-end) "
+                             "or wav2vec2_bert (log-mel Conformer; intermediate_size=128 matches the default 0.47M)")
     parser.add_argument("--sweep", action="store_true", help="also retention vs student size and vs steps (sweep.*)")
     parser.add_argument("--sweep-only", action="store_true", help="only the sweep, on top of the results already in OUT")
     parser.add_argument("--attempts", action="store_true",
@@ -213,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(args.threads)
-    cfg = load_config(args.config, args.set, quick=args.quick)
+    overrides = args.set + ([f"student.arch={args.student_arch}"] if args.student_arch else [])
+    cfg = load_config(args.config, overrides, quick=args.quick)
     cache_dir = args.cache_dir or args.out.parent / "mini_superb_cache"
     if args.sweep_only or args.attempts:
         on_top(cfg, args.out, cache_dir, sweep=args.sweep_only, attempts=args.attempts)

@@ -22,6 +22,7 @@ from distill.evaluation.tasks import KINDS as TASK_KINDS  # stdlib only; verific
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CONFIG = HERE / "default.yaml"
+STUDENT_ARCHS = ("hubert", "wav2vec2_bert")  # raw-audio HuBERT or log-mel Conformer students
 
 
 @dataclass
@@ -89,6 +90,10 @@ class TeacherSection:
 
 @dataclass
 class StudentSection:
+    # hubert: raw audio through a 7-layer conv front-end (conv_channels wide). wav2vec2_bert: a
+    # log-mel Conformer (students/presets.py w2vbert_*; conv_channels unused; each layer has two
+    # FFNs and a conv module, so intermediate_size=128 gives the 0.47M of the default HuBERT).
+    arch: str = "hubert"  # hubert | wav2vec2_bert
     hidden_size: int = 112
     num_hidden_layers: int = 3
     num_attention_heads: int = 2
@@ -212,6 +217,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise BenchmarkConfigError(f"{path}: upstreams.{name}: expected `pretrained: NAME` or both `arch` and `task`")
         if name == "fused":
             raise BenchmarkConfigError(f"{path}: upstreams.fused: the name is taken by the fused teacher's student")
+    if cfg.student.arch not in STUDENT_ARCHS:
+        raise BenchmarkConfigError(f"{path}: student.arch={cfg.student.arch!r}: expected one of {', '.join(STUDENT_ARCHS)}")
     if not cfg.corpus.speakers or not cfg.corpus.styles or not cfg.corpus.languages:
         raise BenchmarkConfigError(f"{path}: corpus.speakers, corpus.styles and corpus.languages must not be empty")
     for spec in cfg.tasks:  # the probe kinds (distill.evaluation.tasks.KINDS), before hours of stages

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from .config import BenchmarkConfig
+from .config import BenchmarkConfig, StudentSection
 
 
 def recipe(cfg: BenchmarkConfig, corpus: Path, upstreams: list[Path], output_dir: Path) -> dict:
@@ -34,11 +34,7 @@ def recipe(cfg: BenchmarkConfig, corpus: Path, upstreams: list[Path], output_dir
             "normalize": True, "dtype": "float32", "pca_max_utterances": t.pca_max_utterances,
             "projection_balance": t.projection_balance,
         },
-        "student": {
-            "arch": "hubert", "preset": "tiny", "num_hidden_layers": s.num_hidden_layers, "hidden_size": s.hidden_size,
-            "num_attention_heads": s.num_attention_heads, "intermediate_size": s.intermediate_size,
-            "conv_dim": [s.conv_channels] * 7, "head_mode": s.head_mode,
-        },
+        "student": student_section(s),
         "data": {
             "dataset_name": str(corpus), "train_split_name": "train", "eval_split_name": "dev",
             "text_column_name": "phonemes", "label_column_name": "speaker",
@@ -48,6 +44,15 @@ def recipe(cfg: BenchmarkConfig, corpus: Path, upstreams: list[Path], output_dir
         "loss": {"cos_weight": 1.0},
         "training": training,
     }
+
+
+def student_section(s: StudentSection) -> dict:
+    """The recipe's `student:`: the tiny preset of the arch's family, resized by the benchmark's fields."""
+    sizes = {"num_hidden_layers": s.num_hidden_layers, "hidden_size": s.hidden_size,
+             "num_attention_heads": s.num_attention_heads, "intermediate_size": s.intermediate_size}
+    if s.arch == "wav2vec2_bert":  # log-mel: no conv front-end to size
+        return {"arch": s.arch, "preset": "w2vbert_tiny", **sizes, "head_mode": s.head_mode}
+    return {"arch": s.arch, "preset": "tiny", **sizes, "conv_dim": [s.conv_channels] * 7, "head_mode": s.head_mode}
 
 
 def write_recipe(body: dict, path: Path, root: Path | None = None) -> Path:

@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 from omegaconf import OmegaConf
-from transformers import AutoModel, AutoModelForCTC, Wav2Vec2FeatureExtractor, get_scheduler
+from transformers import AutoFeatureExtractor, AutoModel, AutoModelForCTC, get_scheduler
 
 from distill.build import single_upstream_teacher
 from distill.config import DataConfig, load_recipe
@@ -267,7 +267,7 @@ def _projected(teacher: FusedTeacher, features: torch.Tensor, frames: torch.Tens
 
 
 def student_extractor(folder: Path) -> tuple[Callable, torch.nn.Module]:
-    model = AutoModel.from_pretrained(folder)  # a stock HubertModel: no custom code
+    model = AutoModel.from_pretrained(folder)  # a stock HubertModel or Wav2Vec2BertModel: no custom code
     return hf_encoder_extractor(model), model
 
 
@@ -294,7 +294,7 @@ def finetune_ctc(folder: Path | None, init_config: Path, data: tuple[list[dict],
     else:
         from transformers import AutoConfig
         model = AutoModelForCTC.from_config(AutoConfig.from_pretrained(init_config, **kwargs))
-    features = Wav2Vec2FeatureExtractor.from_pretrained(init_config)  # the student's own preprocessing
+    features = AutoFeatureExtractor.from_pretrained(init_config)  # the student's own preprocessing
     start = time.perf_counter()
     losses = _finetune_loop(model, features, train, vocab, column, f, seed)
     per = _test_per(model, features, test, vocab, column)
@@ -315,7 +315,8 @@ def _finetune_loop(model, features, train, vocab, column, f, seed) -> list[float
     index = {s: i + 1 for i, s in enumerate(vocab)}
     rng, losses = np.random.default_rng(seed), []
     head_steps = int(f.steps * f.head_only_fraction)
-    model.freeze_feature_encoder()
+    if hasattr(model, "freeze_feature_encoder"):  # a log-mel student has no conv feature encoder
+        model.freeze_feature_encoder()
     model.train()
     for phase, steps in (("head", head_steps), ("encoder", f.steps - head_steps)):
         for name, p in model.named_parameters():

@@ -26,8 +26,8 @@ logger = logging.getLogger(__name__)
 def points(cfg: BenchmarkConfig) -> list[tuple[str, BenchmarkConfig]]:
     """(tag, config) of every sweep student besides the main run's, sizes first."""
     out = []
-    for name, size in cfg.sweep.sizes.items():
-        out.append((f"size-{name}", dataclasses.replace(cfg, student=size)))
+    for name, size in cfg.sweep.sizes.items():  # sizes of the main student's family (student.arch)
+        out.append((f"size-{name}", dataclasses.replace(cfg, student=dataclasses.replace(size, arch=cfg.student.arch))))
     for steps in cfg.sweep.steps:
         if steps != cfg.distill.steps:
             out.append((f"steps-{steps}", dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, steps=steps))))

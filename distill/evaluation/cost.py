@@ -32,12 +32,12 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from students import normalize_waveforms
+from students import encoder_inputs, input_names, is_log_mel, log_mel_features, make_log_mel_extractor
 
 __all__ = [
     "Cost", "CostJob", "count_params", "count_gflops", "time_forwards", "measure_jobs", "measure_cost", "sum_costs",
     "ratios", "cost_table", "audio_encoder_job", "whisper_encoder_job", "student_job", "fused_teacher_job",
-    "onnx_student_job",
+    "onnx_student_job", "log_mel_jobs",
 ]
 
 SAMPLING_RATE = 16000
@@ -195,12 +195,33 @@ def audio_encoder_job(name: str, model: nn.Module, wave: torch.Tensor, note: str
 
 
 def student_job(name: str, model: nn.Module, wave: torch.Tensor, note: str = "stock HF encoder") -> CostJob:
-    """A shipped student (stock HubertModel/WavLMModel/Wav2Vec2Model, heads dropped) on audio
-    normalised as its exported Wav2Vec2FeatureExtractor does (outside the timed forward)."""
+    """A shipped student (stock HubertModel/WavLMModel/Wav2Vec2Model/Wav2Vec2BertModel, heads
+    dropped) on one waveform, its preprocessing (`students.encoder_inputs`: the normalisation, or
+    the log-mel filterbank of a log-mel student) inside the timed forward."""
     if wave.dim() != 1:
         raise ValueError(f"student_job {name}: expected one 1-D waveform, got shape {tuple(wave.shape)}")
-    normalised, _ = normalize_waveforms(wave[None], torch.tensor([wave.numel()]))
-    return audio_encoder_job(name, model, normalised[0], note)
+    dtype = next(model.parameters()).dtype
+    batch, lengths = wave[None], torch.tensor([wave.numel()])
+
+    def forward() -> Any:
+        inputs = encoder_inputs(model, batch, lengths).inputs
+        first = input_names(model)[0]
+        return model(**{**inputs, first: inputs[first].to(dtype)})
+
+    return CostJob(name, forward, model, note + (", log-mel filterbank included" if is_log_mel(model) else ""))
+
+
+def log_mel_jobs(wave: torch.Tensor) -> list[CostJob]:
+    """The log-mel front-end alone on one waveform: this package's torch filterbank (what training,
+    evaluation and the cost rows of log-mel students run) and transformers' numpy
+    SeamlessM4TFeatureExtractor (what an exported folder's user runs without PyTorch)."""
+    batch, lengths = wave[None], torch.tensor([wave.numel()])
+    extractor, audio = make_log_mel_extractor(), wave.numpy()
+    return [
+        CostJob("log-mel filterbank (torch)", lambda: log_mel_features(batch, lengths), 0, "students.log_mel_features"),
+        CostJob("log-mel filterbank (numpy)", lambda: extractor(audio, sampling_rate=SAMPLING_RATE), 0,
+                "SeamlessM4TFeatureExtractor"),
+    ]
 
 
 def whisper_encoder_job(name: str, model: nn.Module, wave: torch.Tensor, include_log_mel: bool = False) -> CostJob:
@@ -246,15 +267,21 @@ def fused_teacher_job(name: str, teacher: nn.Module, wave: torch.Tensor) -> Cost
 def onnx_student_job(name: str, onnx_path: Any, wave: torch.Tensor, exported_from: nn.Module, threads: int,
                      note: str = "") -> CostJob:
     """An exported student graph (students.onnx) under ONNX Runtime on `threads` intra-op
-    threads, fed what `student_job` feeds the PyTorch model. Params and GFLOPs are those of
-    `exported_from`, the PyTorch encoder the graph came from (an int8 graph does the same
-    multiply-adds in integers)."""
+    threads, fed what `student_job` feeds the PyTorch model; the preprocessing runs inside the
+    timed call, in torch, as in `student_job` (the log-mel filterbank is not in the graph). Params
+    and GFLOPs are those of `exported_from`, the PyTorch encoder the graph came from (an int8
+    graph does the same multiply-adds in integers)."""
     from students.onnx import onnx_session, run_onnx
 
     if wave.dim() != 1:
         raise ValueError(f"onnx_student_job {name}: expected one 1-D waveform, got shape {tuple(wave.shape)}")
-    normalised, mask = normalize_waveforms(wave[None], torch.tensor([wave.numel()]))
+    batch, lengths = wave[None], torch.tensor([wave.numel()])
+    first, mask = input_names(exported_from)
     session = onnx_session(onnx_path, threads)
     flops = student_job(name, exported_from, wave).forward
-    return CostJob(name, lambda: run_onnx(session, normalised, mask), exported_from,
-                   note or f"ONNX Runtime, {threads} threads", flops_forward=flops)
+
+    def forward() -> Any:
+        inputs = encoder_inputs(exported_from, batch, lengths).inputs
+        return run_onnx(session, inputs[first], inputs[mask])
+
+    return CostJob(name, forward, exported_from, note or f"ONNX Runtime, {threads} threads", flops_forward=flops)

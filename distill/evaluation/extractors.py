@@ -1,7 +1,8 @@
 """Feature extractors for probes: (waveforms (B, S) zero-padded, sample lengths (B,)) ->
 (features (L, B, T, D), frame lengths (B,)), for a stock HF encoder, an exported ONNX graph and
 the fused teacher. The encoders run item by item, unpadded: group-norm front-ends change under
-zero padding even with an attention mask.
+zero padding even with an attention mask. Log-mel students (Wav2Vec2BertModel) get their
+filterbanks from `students.log_mel_features`, as in training.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import nn
 
-from students import normalize_waveforms
+from students import is_log_mel, log_mel_features, normalize_waveforms
 from teachers import FusedTeacher
 from teachers.upstream import _wants_normalised
 
@@ -29,14 +30,17 @@ def hf_encoder_extractor(model: nn.Module, normalize: Optional[bool] = None) -> 
     attention mask. normalize: zero-mean/unit-variance per utterance as
     Wav2Vec2FeatureExtractor does; None follows `do_normalize` of the preprocessor_config.json in
     the folder the model was loaded from, else `feat_extract_norm == "layer"` (`wants_normalised`,
-    the teachers' rule). The model runs in eval mode; its mode is restored afterwards.
+    the teachers' rule); log-mel models (`normalize` does not apply) get their filterbanks. The
+    model runs in eval mode; its mode is restored afterwards.
     """
-    wants_norm = wants_normalised(model) if normalize is None else bool(normalize)
+    log_mel = is_log_mel(model)
+    wants_norm = not log_mel and (wants_normalised(model) if normalize is None else bool(normalize))
 
     def extract(waveforms: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if wants_norm:
             waveforms = normalize_waveforms(waveforms, lengths)[0]
-        states = _run_unpadded(model, [waveforms[b, : int(n)] for b, n in enumerate(lengths.tolist())])
+        items = [waveforms[b, : int(n)] for b, n in enumerate(lengths.tolist())]
+        states = _run_unpadded(model, [_log_mel(w) for w in items] if log_mel else items)
         return _stack_padded(states)
 
     return extract
@@ -48,7 +52,8 @@ def onnx_extractor(model: Union[str, "os.PathLike[str]", Any], normalize: bool =
     scores exactly what ships under ONNX Runtime.
 
     As `hf_encoder_extractor`: items run one by one, unpadded, normalised per utterance when
-    `normalize` (the folder's preprocessor_config.json `do_normalize`; True for every export).
+    `normalize` (the folder's preprocessor_config.json `do_normalize`; True for every export), or
+    turned into log-mel features when the graph takes `input_features` (a log-mel student).
     Features come back as float32 CPU tensors.
     """
     from students.onnx import onnx_session, run_onnx
@@ -59,12 +64,15 @@ def onnx_extractor(model: Union[str, "os.PathLike[str]", Any], normalize: bool =
         raise ValueError("onnx_extractor: the graph has no hidden_state_* outputs; export it with students.onnx")
     names.sort(key=lambda name: int(name.rsplit("_", 1)[1]))  # hidden_state_10 after hidden_state_9
 
+    log_mel = session.get_inputs()[0].name == "input_features"
+
     def extract(waveforms: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if normalize:
+        if normalize and not log_mel:
             waveforms = normalize_waveforms(waveforms, lengths)[0]
         states = []
         for b, n in enumerate(lengths.tolist()):
-            outputs = run_onnx(session, waveforms[b: b + 1, : int(n)].float().cpu())
+            item = waveforms[b: b + 1, : int(n)].float().cpu()
+            outputs = run_onnx(session, _log_mel(item[0])[None] if log_mel else item)
             states.append(torch.stack([torch.from_numpy(outputs[name][0]) for name in names]))  # (L + 1, T, D)
         return _stack_padded(states)
 
@@ -95,12 +103,18 @@ def teacher_extractor(teacher: FusedTeacher, project: bool = True) -> Extractor:
     return extract
 
 
-def _run_unpadded(model: nn.Module, waves: list[torch.Tensor]) -> list[torch.Tensor]:
+def _log_mel(wave: torch.Tensor) -> torch.Tensor:
+    # One unpadded item -> (T, 160): every frame valid, so no mask is needed.
+    return log_mel_features(wave[None].float(), torch.tensor([wave.numel()]))[0][0]
+
+
+def _run_unpadded(model: nn.Module, items: list[torch.Tensor]) -> list[torch.Tensor]:
+    # items: unpadded waveforms (S,) or log-mel features (T, 160), the model's first input.
     param, was_training = next(model.parameters()), model.training
     model.eval()  # dropout, layerdrop and SpecAugment would make the features random
     try:
         with torch.no_grad():
-            outputs = (model(w[None].to(param.device, param.dtype), output_hidden_states=True) for w in waves)
+            outputs = (model(x[None].to(param.device, param.dtype), output_hidden_states=True) for x in items)
             return [torch.stack(out.hidden_states)[:, 0].float() for out in outputs]
     finally:
         model.train(was_training)

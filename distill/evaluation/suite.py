@@ -43,7 +43,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from students import DistillStudent
+from students import DistillStudent, padding_invariant
 from students.onnx import INT8_FILE, quantize_int8, require_onnx
 from teachers import FusedTeacher, frame_mask
 
@@ -370,7 +370,7 @@ def _similarity_part(t: EvalTarget, max_items: int | None, batch_size: int) -> d
         return {"skipped": "no dataset: pass data (--data)"}
     data = t.data
     # A group-norm front-end changes under zero padding even with an attention mask: one by one.
-    if getattr(t.encoder.config, "feat_extract_norm", "group") != "layer":
+    if not padding_invariant(t.encoder):
         batch_size = 1
     batches = make_eval_batches(load_audio_dataset(data, _eval_split(data)), data, batch_size, max_items,
                                 _min_samples(t.teacher))

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
+from students import num_frames, padding_invariant
 from teachers import FusedTeacher
 
 from ..data.audio import HOP, crop_length
@@ -121,10 +122,10 @@ def build_eval_set(
     if not items:
         raise ValueError(f"training.eval_steps: no usable utterance in {data.dataset_name}[{data.eval_split_name}] (skipped: {skipped or 'none'})")
     share = items[accelerator.process_index :: accelerator.num_processes]
-    frames = [int(encoder._get_feat_extract_output_lengths(torch.tensor(len(w)))) for _, w, _ in share]
+    frames = [int(num_frames(encoder, len(w))) for _, w, _ in share]
     targets = _eval_targets(cfg, accelerator, share, frames, teacher, train_cache)
     # A group-norm front-end changes under zero padding even with an attention mask: one by one.
-    batch_size = t.per_device_train_batch_size if encoder.config.feat_extract_norm == "layer" else 1
+    batch_size = t.per_device_train_batch_size if padding_invariant(encoder) else 1
     return EvalSet(_pad_batches(share, targets, batch_size), len(items), skipped, num_targets)
 
 
