@@ -9,6 +9,7 @@ The .pth adds a plain path, so the test venv's editable install (its own .pth) i
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -36,7 +37,8 @@ def _run(cmd: list, cwd: Path, timeout: int = 600, scratch: bool = True) -> subp
 @pytest.fixture(scope="module")
 def dists(tmp_path_factory) -> Path:
     """sdist and wheel, the wheel built from the sdist (so the sdist must carry the data too)."""
-    pytest.importorskip("build", reason="pip install -e '.[test]' (build, twine)")
+    if importlib.util.find_spec("build.__main__") is None:  # not a stray ./build folder of an earlier `pip wheel .`
+        pytest.skip("python -m build is not installed: pip install -e '.[test]' (build, twine)")
     out = tmp_path_factory.mktemp("dist")
     # --no-isolation: the test venv's setuptools (test extra), nothing downloaded.
     _run([sys.executable, "-m", "build", "--no-isolation", "--outdir", out, REPO], cwd=out, scratch=False)
