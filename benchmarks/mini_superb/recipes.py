@@ -50,8 +50,8 @@ def student_section(s: StudentSection) -> dict:
     """The recipe's `student:`: the tiny preset of the arch's family, resized by the benchmark's fields."""
     sizes = {"num_hidden_layers": s.num_hidden_layers, "hidden_size": s.hidden_size,
              "num_attention_heads": s.num_attention_heads, "intermediate_size": s.intermediate_size}
-    if s.arch == "wav2vec2_bert":  # log-mel: no conv front-end to size
-        return {"arch": s.arch, "preset": "w2vbert_tiny", **sizes, "head_mode": s.head_mode}
+    if s.arch == "wav2vec2_bert":  # log-mel: no conv front-end to size; the presets' depthwise kernel (15)
+        return {"arch": s.arch, "preset": "w2vbert_3l_112", **sizes, "head_mode": s.head_mode}
     return {"arch": s.arch, "preset": "tiny", **sizes, "conv_dim": [s.conv_channels] * 7, "head_mode": s.head_mode}
 
 
