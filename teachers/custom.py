@@ -20,6 +20,8 @@ import importlib
 from pathlib import Path
 from typing import Any, Callable
 
+from .base import Upstream
+
 __all__ = ["BUILTINS", "is_custom_spec", "load_custom_upstream", "trust_upstream_code", "spec_name"]
 
 _TRUSTED = False
@@ -70,8 +72,6 @@ def load_custom_upstream(spec: dict):
     if not callable(factory):
         raise ValueError(f"upstream spec code={spec['code']!r}: {module_name} has no callable {attr!r}")
     upstream = factory(**dict(spec.get("kwargs") or {}))
-    from .upstream import Upstream
-
     if not isinstance(upstream, Upstream):
         raise TypeError(f"upstream spec code={spec['code']!r}: returned {type(upstream).__name__}, expected a teachers.Upstream")
     upstream.name = upstream.name or spec_name(spec)

@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .upstream import SAMPLING_RATE, Upstream
+from .base import SAMPLING_RATE, Upstream
 
 __all__ = ["GE2E", "GE2EUpstream", "load_ge2e", "save_ge2e", "ge2e_embedding", "MODEL_TYPE"]
 

@@ -65,7 +65,7 @@ def test_shipped_recipes_name_real_presets_and_reachable_target_layers(recipe):
     from distill.build import student_config
 
     cfg = load_recipe(recipe)
-    assert student_config(cfg).model_type == cfg.student.arch
+    assert student_config(cfg).model_type == cfg.student.arch.replace("_", "-")  # wav2vec2_bert -> wav2vec2-bert
     layers = [
         HUB_LAYERS[u] if isinstance(u, str) else u["config"].get("num_hidden_layers", u["config"].get("encoder_layers"))
         for u in cfg.teacher.upstreams

@@ -11,6 +11,7 @@ too. Every student gets the same student, data, crops, steps, learning rate and 
 from __future__ import annotations
 
 import os
+import json
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -30,7 +31,7 @@ def recipe(cfg: BenchmarkConfig, corpus: Path, upstreams: list[Path], output_dir
     return {
         "teacher": {
             "upstreams": [str(p) for p in upstreams], "fusion": t.fusion, "projection_dim": t.projection_dim,
-            "projection_fit": "pca", "target_layers": list(t.target_layers), "target_mode": "chconv",
+            "projection_fit": "pca", "target_layers": _layers_within(t.target_layers, upstreams), "target_mode": "chconv",
             "normalize": True, "dtype": "float32", "pca_max_utterances": t.pca_max_utterances,
             "projection_balance": t.projection_balance,
         },
@@ -44,6 +45,26 @@ def recipe(cfg: BenchmarkConfig, corpus: Path, upstreams: list[Path], output_dir
         "loss": {"cos_weight": 1.0},
         "training": training,
     }
+
+
+def _layers_within(layers: list[int], upstreams: list[Path]) -> list[int]:
+    """The config's target layers that the teacher has: a teacher aligns to its deepest upstream,
+    so a single shallower one (GE2E: mel + 3 LSTM layers) keeps the layers up to its own depth."""
+    depths = [_num_layers(Path(u)) for u in upstreams]
+    if None in depths:
+        return list(layers)
+    return [i for i in layers if i <= max(depths)]
+
+
+def _num_layers(folder: Path) -> int | None:
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None  # not a local folder: the teacher build checks the layers
+    for key in ("encoder_layers", "num_hidden_layers", "num_layers"):  # Whisper, wav2vec family, GE2E
+        if isinstance(config.get(key), int):
+            return config[key]
+    return None
 
 
 def student_section(s: StudentSection) -> dict:
