@@ -115,7 +115,9 @@ def _resolved(path: Path) -> dict | None:
     if not path.exists():
         return None
     body = OmegaConf.to_container(OmegaConf.structured(load_recipe(path)))
-    body["training"].pop("output_dir"), body["data"].pop("targets_cache")
+    body["training"].pop("output_dir")
+    for key in ("targets_cache", "eval_targets_cache"):  # where targets came from is not what was trained
+        body["data"].pop(key)
     return body
 
 
