@@ -129,7 +129,7 @@ def run(cfg: BenchmarkConfig, out: Path, cache_dir: Path, finetune: bool = True,
         lap("finetune")
     result["timings_min"] = timings
     _write(result, out)
-    _card_results(students["fused"], rows, result["finetune"], cfg)
+    _card_results(students["fused"], rows, result["finetune"], cfg, lines)
     for line in lines:
         print(line)
     if sweep:
@@ -172,8 +172,9 @@ def _write(result: dict, out: Path) -> None:
     logger.info("wrote %s, results.md and results.png", out / "results.json")
 
 
-def _card_results(folder: Path, rows: list[dict], finetune: dict, cfg: BenchmarkConfig) -> None:
-    """The fused student's model card gets its probe scores as model-index results."""
+def _card_results(folder: Path, rows: list[dict], finetune: dict, cfg: BenchmarkConfig, lines: list[str]) -> None:
+    """The fused student's model card gets its probe scores as model-index results and the
+    benchmark's criteria lines (pass or fail) as a section of its text."""
     from huggingface_hub import EvalResult, ModelCard
 
     card = ModelCard.load(folder / "README.md")
@@ -194,6 +195,8 @@ def _card_results(folder: Path, rows: list[dict], finetune: dict, cfg: Benchmark
             metric_value=round(t["score"], 4)))
     card.data.eval_results = results
     card.data.model_name = f"mini SUPERB ({cfg.name}) student of the fused teacher"
+    verdict = f"## Mini SUPERB ({cfg.name}) verdict"
+    card.text = card.text.split(f"\n{verdict}\n")[0].rstrip() + f"\n\n{verdict}\n\n" + "\n".join(f"- {line}" for line in lines) + "\n"
     card.save(folder / "README.md")
 
 
