@@ -3,8 +3,9 @@
 The log-mel students (`Wav2Vec2BertModel`) read 80 log-mel bands every 10 ms (25 ms Povey
 window, DC removal, pre-emphasis 0.97, 512-point FFT, Kaldi mel scale 20-8000 Hz), normalised
 per band over each utterance's frames, then stacked by two into 160 features at 50 Hz.
-transformers' extractor does this in numpy, one utterance at a time (~34 ms per 10 s on a loaded
-CPU); here it runs batched on the student's device, inside the training and evaluation step.
+transformers' extractor does this in numpy, one utterance at a time; here it runs batched on the
+student's device, inside the training and evaluation step (on a CPU, on one thread: see
+`_one_thread_on_cpu`), and matches the extractor to ~1e-6 (tests/test_logmel_student.py).
 
 Frame grid: `ceil(mel_frames / 2)` stacked frames, which equals the wav2vec grid the teacher
 aligns to (`1 + (samples - 400) // 320`, 49 for 1.0 s) for every length >= 400 samples. When
