@@ -3,8 +3,9 @@
 The log-mel students (`Wav2Vec2BertModel`) read 80 log-mel bands every 10 ms (25 ms Povey
 window, DC removal, pre-emphasis 0.97, 512-point FFT, Kaldi mel scale 20-8000 Hz), normalised
 per band over each utterance's frames, then stacked by two into 160 features at 50 Hz.
-transformers' extractor does this in numpy, one utterance at a time (~34 ms per 10 s on a loaded
-CPU); here it runs batched on the student's device, inside the training and evaluation step.
+transformers' extractor does this in numpy, one utterance at a time; here it runs batched on the
+student's device, inside the training and evaluation step (on a CPU, on one thread: see
+`_one_thread_on_cpu`), and matches the extractor to ~1e-6 (tests/test_logmel_student.py).
 
 Frame grid: `ceil(mel_frames / 2)` stacked frames, which equals the wav2vec grid the teacher
 aligns to (`1 + (samples - 400) // 320`, 49 for 1.0 s) for every length >= 400 samples. When
@@ -68,15 +69,22 @@ def log_mel_features(waveforms: torch.Tensor, lengths: torch.Tensor) -> tuple[to
 
 def _log_mel_features(waveforms: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     device = waveforms.device
-    # float64 like the numpy extractor: in float32 the log of near-silent bands drifts (2.5e-3
-    # max abs on the demo speech vs 7e-7 in float64), and the framing and FFT cost little either way.
+    # float64 up to the power spectrum, like the numpy extractor: in float32 the near-silent bands
+    # drift (2.5e-3 max abs on the demo speech vs 7e-7); the mel projection and log are float32.
     x = waveforms.double() * 32768.0  # Kaldi works on 16-bit sample values
-    frames = x.unfold(1, _WINDOW, _HOP)  # (B, F, 400), no centring: Kaldi's snip_edges
-    frames = frames - frames.mean(dim=-1, keepdim=True)
-    frames = torch.cat([frames[..., :1] * (1 - _PREEMPHASIS), frames[..., 1:] - _PREEMPHASIS * frames[..., :-1]], dim=-1)
+    num_frames = (x.shape[1] - _WINDOW) // _HOP + 1
+    # Per frame, Kaldi removes the DC offset, then pre-emphasises: y[i] = x[i] - 0.97 x[i-1] - 0.03 mean
+    # for i >= 1. That is the pre-emphasised signal framed, minus 0.03 mean; y[0] needs no special
+    # case because the Povey window is 0 there. Frame means come from one cumulative sum.
+    starts = torch.arange(num_frames, device=device) * _HOP
+    cumsum = torch.nn.functional.pad(x.cumsum(dim=1), (1, 0))
+    means = (cumsum[:, starts + _WINDOW] - cumsum[:, starts]) / _WINDOW  # (B, F)
+    emphasised = torch.cat([x[:, :1], x[:, 1:] - _PREEMPHASIS * x[:, :-1]], dim=1)
+    frames = emphasised.unfold(1, _WINDOW, _HOP)  # (B, F, 400), no centring: Kaldi's snip_edges
     window, mel_filters = _constants(device)
-    spectrum = torch.view_as_real(torch.fft.rfft(frames * window, n=_FFT))  # complex abs() is 3x slower
-    power = spectrum.pow(2).sum(dim=-1)  # (B, F, 257)
+    windowed = (frames - (1 - _PREEMPHASIS) * means[..., None]) * window
+    spectrum = torch.view_as_real(torch.fft.rfft(windowed, n=_FFT))  # complex abs() is 3x slower
+    power = (spectrum[..., 0].square() + spectrum[..., 1].square()).float()  # (B, F, 257)
     log_mel = torch.log(torch.clamp(power @ mel_filters, min=_MEL_FLOOR))  # (B, F, 80)
     log_mel = _normalise_per_band(log_mel, _mel_frames(lengths).clamp(max=log_mel.shape[1]))
     if log_mel.shape[1] % STRIDE:  # pad to whole stacked frames, as the extractor's pad_to_multiple_of=2
@@ -123,7 +131,7 @@ def _normalise_per_band(log_mel: torch.Tensor, valid: torch.Tensor) -> torch.Ten
 
 def _constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     window, filters = _numpy_constants()
-    return torch.from_numpy(window).to(device), torch.from_numpy(filters).to(device)
+    return torch.from_numpy(window).to(device), torch.from_numpy(filters).float().to(device)
 
 
 @lru_cache(maxsize=1)

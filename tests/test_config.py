@@ -63,9 +63,10 @@ HUB_LAYERS = {"microsoft/wavlm-base-plus": 12, "facebook/hubert-base-ls960": 12,
 @pytest.mark.parametrize("recipe", ALL_RECIPES, ids=lambda p: p.stem)
 def test_shipped_recipes_name_real_presets_and_reachable_target_layers(recipe):
     from distill.build import student_config
+    from students import ARCHS
 
     cfg = load_recipe(recipe)
-    assert student_config(cfg).model_type == cfg.student.arch.replace("_", "-")  # wav2vec2_bert -> wav2vec2-bert
+    assert type(student_config(cfg)) is ARCHS[cfg.student.arch]  # model_type "wav2vec2-bert" for arch wav2vec2_bert
     layers = [
         HUB_LAYERS[u] if isinstance(u, str) else u["config"].get("num_hidden_layers", u["config"].get("encoder_layers"))
         for u in cfg.teacher.upstreams
