@@ -173,7 +173,7 @@ def test_fused_teacher_cost_counts_every_part():
 def test_benchmark_quick_runs(tmp_path):
     out = tmp_path / "cost.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "cost.py"), "--quick", "--repeats", "1", "--warmup", "0", "--json", str(out)],
+        [sys.executable, "-m", "benchmarks.cost", "--quick", "--repeats", "1", "--warmup", "0", "--json", str(out)],
         capture_output=True, text=True, cwd=ROOT, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
