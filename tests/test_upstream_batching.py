@@ -166,8 +166,8 @@ def test_cache_with_padded_batches_stores_rows_in_place(corpus, tmp_path):  # no
 
 @pytest.mark.slow
 def test_benchmark_quick_runs():
-    # A subprocess: the benchmark sets its own thread count and must run as a script.
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "teacher_batching.py"), "--quick", "--threads", "1"],
+    # A subprocess: the benchmark sets its own thread count (run as python -m, like every benchmark entry point).
+    done = subprocess.run([sys.executable, "-m", "benchmarks.teacher_batching", "--quick", "--threads", "1"],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "| WavLM Base+ (layer norm) | yes |" in done.stdout and "| HuBERT Base (group norm) | no |" in done.stdout
