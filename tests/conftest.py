@@ -77,3 +77,15 @@ def foreign_holder():
     yield proc.pid, lock
     proc.kill()
     proc.wait()
+
+
+def cli_error(capsys, *args) -> str:
+    """Run the CLI in this process; it must exit 2 with one error line and no traceback. Returns that line."""
+    from distill.cli import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err[-3000:]
+    return errors[0]

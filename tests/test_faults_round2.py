@@ -24,6 +24,7 @@ import pytest
 from distill.runs.lock import LOCK_NAME, RunLockError, export_lock_path, hold_lock
 from distill.runs.log_trim import drop_records_after
 from distill.runs.staged_export import ExportError, staged_export
+from conftest import cli_error
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = ["teacher.pca_max_utterances=8", "data.max_crop_seconds=1.0", "training.logging_steps=1", "training.report_to=none"]
@@ -299,18 +300,6 @@ def trained(tmp_path_factory) -> Path:
     return run
 
 
-def _main_error(capsys, *args) -> str:
-    """Run the CLI in this process; it must exit 2 with one error line and no traceback."""
-    from distill.cli import main
-
-    capsys.readouterr()
-    code = main([str(a) for a in args])
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if "error:" in line]
-    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err[-3000:]
-    return errors[0]
-
-
 @pytest.mark.slow
 def test_export_replaces_its_own_refuses_others_and_survives_a_full_disk(trained, tmp_path, foreign_holder, monkeypatch, capsys):
     import transformers
@@ -330,15 +319,15 @@ def test_export_replaces_its_own_refuses_others_and_survives_a_full_disk(trained
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
         patch.setattr(transformers.PreTrainedModel, "save_pretrained", disk_full)
-        line = _main_error(capsys, "export", trained, out)
+        line = cli_error(capsys, "export", trained, out)
     assert f"export to {out} failed (ENOSPC: No space left on device); nothing written, {out} is as it was" in line
     assert _digest(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["exported"]
 
     mixed = tmp_path / "mixed"
     mixed.mkdir()
     (mixed / "data.csv").write_text("a,b\n")
-    assert "not empty and not a previous export (holds data.csv)" in _main_error(capsys, "export", trained, mixed)
-    assert "which the export reads" in _main_error(capsys, "export", trained, trained.parent, "--overwrite")  # never the run itself
+    assert "not empty and not a previous export (holds data.csv)" in cli_error(capsys, "export", trained, mixed)
+    assert "which the export reads" in cli_error(capsys, "export", trained, trained.parent, "--overwrite")  # never the run itself
     assert main(["export", str(trained), str(mixed), "--overwrite"]) == 0 and not (mixed / "data.csv").exists()
 
     # Read-only commands do not take the run's lock; train does.
@@ -346,6 +335,6 @@ def test_export_replaces_its_own_refuses_others_and_survives_a_full_disk(trained
     lock(trained)
     try:
         assert main(["evaluate", str(trained), "--no-probe", "--no-cost", "--max-items", "2"]) == 0
-        assert f"(pid {pid}" in _main_error(capsys, "train", "demo", "--output-dir", trained, "--resume-from", "latest", *FAST)
+        assert f"(pid {pid}" in cli_error(capsys, "train", "demo", "--output-dir", trained, "--resume-from", "latest", *FAST)
     finally:
         (trained / LOCK_NAME).unlink()

@@ -16,19 +16,10 @@ import pytest
 from distill.cli import main
 from distill.runs import COMPLETE_MARKER, RECIPE_FILE
 from distill.runs.lock import LOCK_NAME
+from conftest import cli_error
 
 FAST = ["teacher.pca_max_utterances=8", "data.max_crop_seconds=1.0", "training.logging_steps=1", "training.report_to=none",
         "training.eval_steps=null"]
-
-
-def _error(capsys, *args) -> str:
-    """The CLI exits 2 with one error line and no traceback."""
-    capsys.readouterr()
-    code = main([str(a) for a in args])
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if "error:" in line]
-    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err[-3000:]
-    return errors[0]
 
 
 def _digest(folder: Path) -> dict[str, str]:
@@ -56,15 +47,15 @@ def test_a_fresh_train_into_a_folder_with_checkpoints_is_refused_before_anything
     run = tmp_path / "run"
     _old_run(run)
     before = _digest(run)
-    line = _error(capsys, "train", "demo", "--output-dir", run, *FAST)
+    line = cli_error(capsys, "train", "demo", "--output-dir", run, *FAST)
     assert f"{run} already holds a run (newest checkpoint: {run / 'checkpoint-10'})" in line
     for way in ("--resume-from latest", "a new --output-dir", "--overwrite"):
         assert way in line
     assert _digest(run) == before  # nothing written, the lock file gone again
 
     (run / "checkpoint-10" / COMPLETE_MARKER).unlink()  # only partial checkpoint folders: still a run
-    assert "newest checkpoint folder, incomplete" in _error(capsys, "train", "demo", "--output-dir", run, *FAST)
-    assert "cannot go with --resume-from" in _error(capsys, "train", "demo", "--output-dir", run, "--overwrite",
+    assert "newest checkpoint folder, incomplete" in cli_error(capsys, "train", "demo", "--output-dir", run, *FAST)
+    assert "cannot go with --resume-from" in cli_error(capsys, "train", "demo", "--output-dir", run, "--overwrite",
                                                     "--resume-from", "latest", *FAST)
 
 
@@ -87,7 +78,7 @@ def test_fit_teacher_takes_the_lock_of_its_out_folder(tmp_path, capsys, foreign_
     pid, lock = foreign_holder
     out = tmp_path / "fitted"
     lock(out, "fit-teacher")
-    line = _error(capsys, "fit-teacher", "demo", "--out", out, "--steps", "1")
+    line = cli_error(capsys, "fit-teacher", "demo", "--out", out, "--steps", "1")
     assert f"teacher folder {out}: in use by `fusion-distill fit-teacher` (pid {pid}" in line
     assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]  # nothing written
 
@@ -98,11 +89,11 @@ def test_evaluate_takes_the_lock_of_its_output_folder_not_the_runs(tmp_path, cap
     run.mkdir()
     (run / RECIPE_FILE).write_text("not read: the lock is taken first\n")
     lock(run / "eval", "evaluate")  # the default output folder of a run
-    line = _error(capsys, "evaluate", run, "--no-probe", "--no-cost")
+    line = cli_error(capsys, "evaluate", run, "--no-probe", "--no-cost")
     assert f"eval folder {run / 'eval'}: in use by `fusion-distill evaluate` (pid {pid}" in line
     out = tmp_path / "scores"
     lock(out, "evaluate")
-    assert f"eval folder {out}: in use by" in _error(capsys, "evaluate", run, "--out-dir", out, "--no-probe", "--no-cost")
+    assert f"eval folder {out}: in use by" in cli_error(capsys, "evaluate", run, "--out-dir", out, "--no-probe", "--no-cost")
     assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]
 
 
@@ -119,8 +110,8 @@ def test_recipes_lists_and_copies_out_the_shipped_ones(tmp_path, capsys):
     from distill.config import load_recipe
 
     assert load_recipe(tmp_path / "demo.yaml").data.dataset_name == "data/demo"
-    assert "already exists" in _error(capsys, "recipes", "cp", "demo", tmp_path / "demo.yaml")
-    assert "no shipped recipe 'nope'" in _error(capsys, "recipes", "cp", "nope", tmp_path / "x.yaml")
+    assert "already exists" in cli_error(capsys, "recipes", "cp", "demo", tmp_path / "demo.yaml")
+    assert "no shipped recipe 'nope'" in cli_error(capsys, "recipes", "cp", "nope", tmp_path / "x.yaml")
 
 
 def test_version(capsys):
